@@ -1,0 +1,168 @@
+"""DenseModel: every weight of DeepSeek-V4 except the routed experts (the router's share).
+
+Owns: embedding, per-layer attention / mHC / norms / gate / shared expert, hc_head, final norm and
+head; and the step API the serving router drives layer by layer:
+
+    batch = dense.begin_step(states, token_ids)          # embed + rope tables      h: [T, hc, hidden]
+    for i in layers:
+        h = dense.attention_sublayer(i, h, batch)        # mHC pre -> norm -> attention -> mHC post
+        work = dense.moe_begin(i, h, batch)              # mHC pre -> norm -> gate (x, expert ids, weights)
+        routed = <experts>(i, work.x, work.expert_ids, work.weights)   # local bank or remote shards
+        h = dense.moe_end(work, routed)                  # + shared expert -> mHC post
+    logits = dense.finish_step(h, batch)                 # hc_head -> norm -> head; states advance
+
+Manifold-constrained hyper-connections (mHC): the residual is hc_mult streams [T, hc, hidden].
+From the RMS-normalised flattened streams a linear map gives pre [hc], post [hc] and comb [hc, hc]:
+pre = σ(·)+eps collapses the streams into the block input, post = 2σ(·) spreads the block output
+back, and comb = Sinkhorn(softmax(·)+eps) (rows and columns normalised alternately, so it is close
+to doubly stochastic) mixes the old streams:  h'_k = post_k · out + Σ_j comb[j, k] · h_j.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .attention import Attention
+from .batch import StepBatch
+from .compressor import RMSNormWeight
+from .config import ModelConfig
+from .moe import Gate, SharedExpert
+from .ops import rms_norm, rope_cos_sin, rope_inv_freq
+from .state import SequenceState
+
+
+def hc_weights(h: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
+               cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """h [T, hc, hidden] -> collapsed block input [T, hidden], post [T, hc], comb [T, hc, hc] (float32)."""
+    hc = cfg.hc_mult
+    flat = rms_norm(h.flatten(1).float(), None, cfg.rms_norm_eps)
+    mixes = flat @ fn.float().T                                                 # [T, (2+hc)*hc]
+    pre_w, post_w, comb_w = mixes.split([hc, hc, hc * hc], dim=-1)
+    pre_b, post_b, comb_b = base.float().split([hc, hc, hc * hc])
+    s = scale.float()
+    pre = torch.sigmoid(pre_w * s[0] + pre_b) + cfg.hc_eps
+    post = 2 * torch.sigmoid(post_w * s[1] + post_b)
+    comb = torch.softmax(comb_w.unflatten(-1, (hc, hc)) * s[2] + comb_b.view(hc, hc), dim=-1) + cfg.hc_eps
+    comb = comb / (comb.sum(dim=-2, keepdim=True) + cfg.hc_eps)
+    for _ in range(cfg.hc_sinkhorn_iters - 1):
+        comb = comb / (comb.sum(dim=-1, keepdim=True) + cfg.hc_eps)
+        comb = comb / (comb.sum(dim=-2, keepdim=True) + cfg.hc_eps)
+    collapsed = (pre.unsqueeze(-1) * h).sum(dim=1).to(h.dtype)
+    return collapsed, post, comb
+
+
+def hc_merge(out: torch.Tensor, h: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """h'_k = post_k * out + Σ_j comb[j, k] h_j   ([T, hidden], [T, hc, hidden] -> [T, hc, hidden])."""
+    dtype = h.dtype
+    return post.to(dtype).unsqueeze(-1) * out.unsqueeze(-2) + torch.matmul(comb.to(dtype).transpose(-1, -2), h)
+
+
+class Block(nn.Module):
+    """One decoder layer's dense weights (official names: attn, ffn.gate, ffn.shared_experts, ...)."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        hc, mix = cfg.hc_mult, (2 + cfg.hc_mult) * cfg.hc_mult
+        self.attn = Attention(cfg, layer_id)
+        self.ffn = nn.Module()
+        self.ffn.gate = Gate(cfg, layer_id)
+        self.ffn.shared_experts = SharedExpert(cfg)
+        self.attn_norm = RMSNormWeight(cfg.hidden_size, cfg.rms_norm_eps)
+        self.ffn_norm = RMSNormWeight(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hc_attn_fn = nn.Parameter(torch.zeros(mix, hc * cfg.hidden_size))
+        self.hc_attn_base = nn.Parameter(torch.zeros(mix))
+        self.hc_attn_scale = nn.Parameter(torch.ones(3))
+        self.hc_ffn_fn = nn.Parameter(torch.zeros(mix, hc * cfg.hidden_size))
+        self.hc_ffn_base = nn.Parameter(torch.zeros(mix))
+        self.hc_ffn_scale = nn.Parameter(torch.ones(3))
+
+
+@dataclass
+class MoEWork:
+    """What a layer's MoE needs between gating and combine (router-side)."""
+    layer_id: int
+    x: torch.Tensor           # [T, hidden] normed MoE input (dispatched to experts)
+    expert_ids: torch.Tensor  # [T, k] int64 global expert ids
+    weights: torch.Tensor     # [T, k] float32 routing weights
+    h: torch.Tensor           # [T, hc, hidden] residual streams before the MoE
+    post: torch.Tensor        # [T, hc]
+    comb: torch.Tensor        # [T, hc, hc]
+
+
+class DenseModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        hc = cfg.hc_mult
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([Block(cfg, i) for i in range(cfg.num_layers)])
+        self.norm = RMSNormWeight(cfg.hidden_size, cfg.rms_norm_eps)
+        self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.hc_head_fn = nn.Parameter(torch.zeros(hc, hc * cfg.hidden_size))
+        self.hc_head_base = nn.Parameter(torch.zeros(hc))
+        self.hc_head_scale = nn.Parameter(torch.ones(1))
+        self.register_buffer("main_inv_freq", rope_inv_freq(cfg.main_rope, cfg.qk_rope_head_dim), persistent=False)
+        self.register_buffer("compress_inv_freq", rope_inv_freq(cfg.compress_rope, cfg.qk_rope_head_dim), persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    def new_state(self) -> SequenceState:
+        return SequenceState.new(self.cfg, self.dtype, self.device)
+
+    # ---- step API ----------------------------------------------------------------------------
+    def begin_step(self, states: list[SequenceState], token_ids: list[torch.Tensor]) -> tuple[torch.Tensor, StepBatch]:
+        batch = StepBatch.build(states, token_ids, self.device)
+        if int(batch.token_ids.max()) >= self.cfg.vocab_size or int(batch.token_ids.min()) < 0:
+            raise ValueError(f"token id out of range [0, {self.cfg.vocab_size})")
+        batch.rope["main"] = rope_cos_sin(self.main_inv_freq, batch.positions, self.cfg.main_rope.attention_factor)
+        batch.rope["compress"] = rope_cos_sin(self.compress_inv_freq, batch.positions,
+                                              self.cfg.compress_rope.attention_factor)
+        h = self.embed(batch.token_ids)                                          # [T, hidden]
+        return h.unsqueeze(1).expand(-1, self.cfg.hc_mult, -1).contiguous(), batch
+
+    def attention_sublayer(self, layer_id: int, h: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+        block = self.layers[layer_id]
+        collapsed, post, comb = hc_weights(h, block.hc_attn_fn, block.hc_attn_base, block.hc_attn_scale, self.cfg)
+        layer_states = [s.layers[layer_id] for s in batch.states]
+        out = block.attn(block.attn_norm(collapsed), batch, layer_states, self.compress_inv_freq)
+        return hc_merge(out, h, post, comb)
+
+    def moe_begin(self, layer_id: int, h: torch.Tensor, batch: StepBatch) -> MoEWork:
+        block = self.layers[layer_id]
+        collapsed, post, comb = hc_weights(h, block.hc_ffn_fn, block.hc_ffn_base, block.hc_ffn_scale, self.cfg)
+        x = block.ffn_norm(collapsed)
+        expert_ids, weights = block.ffn.gate(x, batch.token_ids)
+        return MoEWork(layer_id, x, expert_ids, weights, h, post, comb)
+
+    def shared_expert(self, work: MoEWork) -> torch.Tensor:
+        return self.layers[work.layer_id].ffn.shared_experts(work.x)
+
+    def moe_end(self, work: MoEWork, routed: torch.Tensor, shared: torch.Tensor | None = None) -> torch.Tensor:
+        if shared is None:
+            shared = self.shared_expert(work)
+        return hc_merge(routed + shared, work.h, work.post, work.comb)
+
+    def final_hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """hc_head collapse + final norm: [T, hc, hidden] -> [T, hidden]."""
+        flat = rms_norm(h.flatten(1).float(), None, self.cfg.rms_norm_eps)
+        pre = torch.sigmoid(flat @ self.hc_head_fn.float().T * self.hc_head_scale.float() + self.hc_head_base.float())
+        pre = pre + self.cfg.hc_eps
+        return self.norm((pre.unsqueeze(-1) * h).sum(dim=1).to(h.dtype))
+
+    def finish_step(self, h: torch.Tensor, batch: StepBatch, rows: torch.Tensor | None = None,
+                    return_hidden: bool = False):
+        """Logits of `rows` (default: all tokens) and advance every state by its segment length."""
+        hidden = self.final_hidden(h if rows is None else h[rows])
+        logits = self.head(hidden)
+        for state, n in zip(batch.states, batch.lengths):
+            state.num_tokens += n
+        return (logits, hidden) if return_hidden else logits

@@ -1,0 +1,113 @@
+"""MoE pieces: gating (hash / learned), the shared expert, and ExpertBank (routed experts).
+
+Owns: gate and shared-expert weights (part of the dense model) and, in ExpertBank, the routed
+expert weights of any subset of expert ids across all MoE layers. The serving split is:
+gating yields (token rows, expert ids, weights) -> ExpertBank(s) compute their experts' share ->
+combine = sum of shares + shared expert. A single process is one bank holding every expert.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import HASH_MOE, ModelConfig
+from .ops import score_fn, stable_topk, swiglu
+
+
+class Gate(nn.Module):
+    """Router of one layer. `hash_moe`: experts from the frozen `tid2eid[token]`; `moe`: top-k of
+    score(logits) + e_score_correction_bias (`bias`). Weights are the unbiased scores of the chosen
+    experts, renormalised, times routed_scaling_factor."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.cfg = cfg
+        self.is_hash = cfg.mlp_layer_types[layer_id] == HASH_MOE
+        self.weight = nn.Parameter(torch.zeros(cfg.n_routed_experts, cfg.hidden_size))
+        if self.is_hash:
+            self.register_buffer("tid2eid", torch.zeros(cfg.vocab_size, cfg.num_experts_per_tok, dtype=torch.int64))
+        else:
+            self.bias = nn.Parameter(torch.zeros(cfg.n_routed_experts))
+
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, hidden], token_ids [T] -> expert_ids [T, k] int64, weights [T, k] float32."""
+        scores = score_fn(torch.nn.functional.linear(x.float(), self.weight.float()), self.cfg.scoring_func)
+        if self.is_hash:
+            expert_ids = self.tid2eid[token_ids].long()
+        else:
+            # Top-k ties (equal biased scores) go to the lower expert id: see ops.stable_topk.
+            expert_ids = stable_topk(scores + self.bias.float(), self.cfg.num_experts_per_tok)
+        weights = scores.gather(1, expert_ids)
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return expert_ids, weights * self.cfg.routed_scaling_factor
+
+
+class SharedExpert(nn.Module):
+    """The always-on expert: w2(swiglu(w1 x, w3 x)) with V4's clamps."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.limit = cfg.swiglu_limit
+        self.w1 = nn.Linear(cfg.hidden_size, cfg.moe_intermediate_size, bias=False)
+        self.w2 = nn.Linear(cfg.moe_intermediate_size, cfg.hidden_size, bias=False)
+        self.w3 = nn.Linear(cfg.hidden_size, cfg.moe_intermediate_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(swiglu(self.w1(x), self.w3(x), self.limit))
+
+
+class ExpertBank(nn.Module):
+    """Routed experts `expert_ids` of every MoE layer. Per layer: w1, w3 [E, I, hidden], w2 [E, hidden, I]
+    where E = len(expert_ids); `local_index[global id]` is -1 for experts this bank does not hold."""
+
+    def __init__(self, cfg: ModelConfig, expert_ids: list[int], dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu", allocate: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        self.expert_ids = sorted(int(e) for e in expert_ids)
+        if len(set(self.expert_ids)) != len(self.expert_ids) or any(
+                not 0 <= e < cfg.n_routed_experts for e in self.expert_ids):
+            raise ValueError(f"expert ids must be distinct and in [0, {cfg.n_routed_experts}): {expert_ids}")
+        local = torch.full((cfg.n_routed_experts,), -1, dtype=torch.int64)
+        local[torch.tensor(self.expert_ids, dtype=torch.int64)] = torch.arange(len(self.expert_ids))
+        self.register_buffer("local_index", local, persistent=False)
+        E, I, Dm = len(self.expert_ids), cfg.moe_intermediate_size, cfg.hidden_size
+        make = (lambda *s: torch.zeros(*s, dtype=dtype, device=device)) if allocate else (
+            lambda *s: torch.empty(0, dtype=dtype, device=device))
+        self.w1 = nn.ParameterList([nn.Parameter(make(E, I, Dm), requires_grad=False) for _ in range(cfg.num_layers)])
+        self.w3 = nn.ParameterList([nn.Parameter(make(E, I, Dm), requires_grad=False) for _ in range(cfg.num_layers)])
+        self.w2 = nn.ParameterList([nn.Parameter(make(E, Dm, I), requires_grad=False) for _ in range(cfg.num_layers)])
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
+    def forward(self, layer_id: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [T, hidden], expert_ids / weights [T, k] -> Σ over held experts of weight * expert(x), [T, hidden].
+        Rows routed to no held expert stay zero."""
+        out = torch.zeros_like(x)
+        if x.shape[0] == 0:
+            return out
+        local = self.local_index.to(expert_ids.device)[expert_ids]              # [T, k]
+        flat_local = local.flatten()
+        held = (flat_local >= 0).nonzero().squeeze(1)
+        if held.numel() == 0:
+            return out
+        k = expert_ids.shape[1]
+        order = held[torch.argsort(flat_local[held], stable=True)]               # (token, slot) pairs by expert
+        sorted_local = flat_local[order]
+        counts = torch.bincount(sorted_local, minlength=len(self.expert_ids)).tolist()
+        token_rows, flat_w = order // k, weights.flatten()[order]
+        w1, w2, w3 = self.w1[layer_id], self.w2[layer_id], self.w3[layer_id]
+        begin = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            rows = token_rows[begin: begin + n]
+            xe = x[rows]                                                          # [n, hidden]
+            h = swiglu(xe @ w1[e].T, xe @ w3[e].T, self.cfg.swiglu_limit)         # [n, I]
+            y = (h @ w2[e].T) * flat_w[begin: begin + n, None].to(x.dtype)
+            out.index_add_(0, rows, y)
+            begin += n
+        return out

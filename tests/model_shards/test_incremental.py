@@ -1,0 +1,115 @@
+"""Incremental state equals the full forward: chunked prefill, decode, batched decode, mixed steps,
+and export / import of the state at any position."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from factories import random_ids, random_model, tiny_config
+from model_shards import SequenceState
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return random_model(tmp_path_factory.mktemp("inc"), tiny_config(), seed=3)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def test_random_chunks_then_decode_equal_full(model):
+    ids = random_ids(90, model.config.vocab_size, seed=11)
+    full = model(ids.unsqueeze(0))[0]
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(3):
+        state, pos, pieces = model.new_state(), 0, []
+        while pos < 60:
+            n = int(torch.randint(1, 19, (1,), generator=gen))
+            pieces.append(model(ids[pos: pos + n].unsqueeze(0), state=state)[0])
+            pos += pieces[-1].shape[0]
+        while pos < 90:
+            pieces.append(model(ids[pos: pos + 1].unsqueeze(0), state=state)[0])
+            pos += 1
+        assert state.num_tokens == 90
+        assert rel_err(torch.cat(pieces), full) <= 1e-5
+
+
+def test_batched_decode_of_different_lengths(model):
+    vocab = model.config.vocab_size
+    prompts = [random_ids(n, vocab, seed=n) for n in (1, 9, 33, 64)]
+    continuation = [random_ids(12, vocab, seed=100 + n) for n in range(4)]
+    states = [model.new_state() for _ in prompts]
+    model.step(states, prompts)
+    outs = [[] for _ in prompts]
+    for t in range(12):
+        logits = model.step(states, [c[t: t + 1] for c in continuation], all_logits=False)
+        for k, l in enumerate(logits):
+            outs[k].append(l)
+    for k, p in enumerate(prompts):
+        full = model(torch.cat([p, continuation[k]]).unsqueeze(0))[0][p.numel():]
+        assert rel_err(torch.stack(outs[k]), full) <= 1e-5
+
+
+def test_mixed_prefill_chunks_and_decodes_in_one_step(model):
+    vocab = model.config.vocab_size
+    a, b, c = (random_ids(n, vocab, seed=n) for n in (40, 23, 57))
+    sa, sb, sc = model.new_state(), model.new_state(), model.new_state()
+    model.step([sa, sb], [a[:39], b[:10]])
+    # one step: a decodes, b continues its prefill, c starts
+    la, lb, lc = model.step([sa, sb, sc], [a[39:40], b[10:23], c[:57]])
+    assert rel_err(la, model(a.unsqueeze(0))[0][39:]) <= 1e-5
+    assert rel_err(lb, model(b.unsqueeze(0))[0][10:]) <= 1e-5
+    assert rel_err(lc, model(c.unsqueeze(0))[0]) <= 1e-5
+    assert (sa.num_tokens, sb.num_tokens, sc.num_tokens) == (40, 23, 57)
+
+
+@pytest.mark.parametrize("cut", [1, 3, 4, 7, 8, 9, 16, 17, 31])
+def test_export_import_at_any_position(model, cut):
+    ids = random_ids(45, model.config.vocab_size, seed=cut)
+    state = model.new_state()
+    model(ids[:cut].unsqueeze(0), state=state)
+    exported = state.export()
+    restored = SequenceState.from_export(model.config, exported)
+    a = model(ids[cut:].unsqueeze(0), state=state)
+    b = model(ids[cut:].unsqueeze(0), state=restored)
+    assert torch.equal(a, b)  # bitwise: the export is exact
+    assert rel_err(b[0], model(ids.unsqueeze(0))[0][cut:]) <= 1e-5
+
+
+def test_export_names_and_shapes(model):
+    cfg = model.config
+    state = model.new_state()
+    model(random_ids(21, cfg.vocab_size).unsqueeze(0), state=state)
+    t = state.export()
+    assert int(t["num_tokens"]) == 21
+    assert t["0.window"].shape == (7, cfg.head_dim)            # sliding layer: W-1 = 7 latents
+    assert t["1.comp.entries"].shape == (5, cfg.head_dim)      # CSA: 21 // 4
+    assert t["1.comp.tail_kv"].shape == (1, 2 * cfg.head_dim)  # 21 % 4
+    assert t["1.comp.overlap_kv"].shape == (4, cfg.head_dim)
+    assert t["1.index.entries"].shape == (5, cfg.index_head_dim)
+    assert t["2.comp.entries"].shape == (2, cfg.head_dim)      # HCA (rate 8): 21 // 8
+    assert t["2.comp.tail_gate"].shape == (5, cfg.head_dim)
+    assert "2.comp.overlap_kv" not in t and "2.index.entries" not in t
+    bad = dict(t)
+    bad["1.comp.entries"] = bad["1.comp.entries"][:3]
+    with pytest.raises(ValueError, match="1.comp.entries"):
+        SequenceState.from_export(cfg, bad)
+
+
+def test_state_is_independent_after_clone(model):
+    ids = random_ids(30, model.config.vocab_size, seed=2)
+    s1 = model.new_state()
+    model(ids[:20].unsqueeze(0), state=s1)
+    s2 = s1.clone()
+    a = model(ids[20:].unsqueeze(0), state=s1)
+    b = model(ids[20:].unsqueeze(0), state=s2)
+    assert torch.equal(a, b)
+
+
+def test_ties_in_topk_go_to_lower_index():
+    from model_shards.ops import stable_topk
+    scores = torch.tensor([[0.0, 1.0, 0.0, 1.0, 0.0]])
+    assert stable_topk(scores, 3).tolist() == [[1, 3, 0]]
+    assert stable_topk(torch.zeros(1, 6), 2).tolist() == [[0, 1]]
