@@ -106,26 +106,53 @@ class Attention(nn.Module):
             self.indexer.compressor.push(st.index, idx_kv[rows], idx_gate[rows], inv_freq)
 
     # ---- one sequence, S >= 1 new tokens -----------------------------------------------------
+    QUERY_BLOCK = 128  # queries per block: a block reads only its W-1+block window keys, not all S
+
     def _attend_segment(self, q, kv, positions, st: LayerState, idx_q, idx_w) -> torch.Tensor:
         """q [S, H, D], kv [S, D] -> [S, H, D]; updates the window (compressors already pushed)."""
-        W = self.window
-        keys = torch.cat([st.window, kv])                                        # [w+S, D]
-        k_pos = torch.arange(int(positions[0]) - st.window.shape[0], int(positions[-1]) + 1, device=kv.device)
+        W, S, w = self.window, q.shape[0], st.window.shape[0]
+        keys = torch.cat([st.window, kv])                                        # [w+S, D], positions p0-w..
         st.window = keys[-(W - 1):].clone() if W > 1 else keys[:0].clone()
-        dist = positions[:, None] - k_pos[None, :]                               # [S, w+S]
-        win_ok = (dist >= 0) & (dist < W)
-        scale = self.head_dim ** -0.5
-        logits = [torch.einsum("shd,kd->hsk", q, keys) * scale]
-        logits[0] = logits[0].masked_fill(~win_ok, float("-inf"))
-        values = [keys]
+        entries = visible = None
         if self.compressor is not None and st.comp.num_entries:
             entries = st.comp.entries                                            # [N, D]
             visible = self._visible(positions, entries.shape[0], st, idx_q, idx_w)  # [S, N]
-            comp_logits = torch.einsum("shd,nd->hsn", q, entries) * scale
-            logits.append(comp_logits.masked_fill(~visible, float("-inf")))
-            values.append(entries)
-        probs = self._softmax_with_sink(torch.cat(logits, dim=-1))               # [H, S, K]
-        return torch.einsum("hsk,kd->shd", probs, torch.cat(values))
+        out = torch.empty_like(q)
+        for b0 in range(0, S, self.QUERY_BLOCK):
+            b1 = min(S, b0 + self.QUERY_BLOCK)
+            k0 = max(0, w + b0 - (W - 1))                                        # first key any query here sees
+            k_pos = positions[0] - w + torch.arange(k0, w + b1, device=kv.device)
+            dist = positions[b0:b1, None] - k_pos[None, :]                       # [s, kw]
+            win_ok = (dist >= 0) & (dist < W)
+            out[b0:b1] = self._attend(q[b0:b1].transpose(0, 1), keys[k0: w + b1], win_ok,
+                                      entries, None if visible is None else visible[b0:b1]).transpose(0, 1)
+        return out
+
+    def _attend(self, q, keys, key_ok, entries, entry_ok) -> torch.Tensor:
+        """Sink-aware softmax attention over two key sets without concatenating them.
+
+        q [..., H, s, D]; keys [..., kw, D] with key_ok [..., s, kw]; entries [..., N, D] with
+        entry_ok [..., s, N] (or None). probs = exp(l - m) / (Σ exp(l - m) + exp(sink - m)),
+        m = max(all logits, sink); values are the keys themselves (K = V)."""
+        scale = self.head_dim ** -0.5
+        logits = torch.matmul(q, keys.unsqueeze(-3).transpose(-1, -2)) * scale    # [..., H, s, kw]
+        logits = logits.masked_fill(~key_ok.unsqueeze(-3), float("-inf"))
+        m = logits.amax(dim=-1, keepdim=True)
+        comp = None
+        if entries is not None:
+            comp = torch.matmul(q, entries.unsqueeze(-3).transpose(-1, -2)) * scale  # [..., H, s, N]
+            comp = comp.masked_fill(~entry_ok.unsqueeze(-3), float("-inf"))
+            m = torch.maximum(m, comp.amax(dim=-1, keepdim=True))
+        sink = self.attn_sink.to(q.dtype).view(-1, 1, 1)                          # [H, 1, 1]
+        m = torch.maximum(m, sink)
+        p = torch.exp(logits - m)
+        denom = p.sum(dim=-1, keepdim=True) + torch.exp(sink - m)
+        out = torch.matmul(p, keys.unsqueeze(-3))                                  # [..., H, s, D]
+        if comp is not None:
+            pc = torch.exp(comp - m)
+            denom = denom + pc.sum(dim=-1, keepdim=True)
+            out = out + torch.matmul(pc, entries.unsqueeze(-3))
+        return out / denom
 
     def _visible(self, positions, num_entries: int, st: LayerState, idx_q, idx_w) -> torch.Tensor:
         """[S, N] bool: causal entries, and in CSA layers only the indexer's top-k of them."""
@@ -139,40 +166,28 @@ class Attention(nn.Module):
         chosen = torch.zeros_like(causal).scatter_(1, top, True)
         return chosen & causal
 
-    def _softmax_with_sink(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits [..., H, S, K] -> probs over K, with the per-head sink as an extra (dropped) column."""
-        sink = self.attn_sink.to(logits.dtype).view(*([1] * (logits.dim() - 3)), -1, 1, 1)
-        sink = sink.expand(*logits.shape[:-1], 1)
-        full = torch.cat([logits, sink], dim=-1)
-        full = full - full.max(dim=-1, keepdim=True).values
-        return full.softmax(dim=-1)[..., :-1]
-
     # ---- B sequences, one new token each -----------------------------------------------------
     def _attend_decode(self, q, kv, states: list[LayerState], idx_q, idx_w) -> torch.Tensor:
         """q [B, H, D], kv [B, D] -> [B, H, D]; keys padded per sequence and masked."""
         B, W, D = q.shape[0], self.window, self.head_dim
+        lens = [st.window.shape[0] for st in states]
         keys = kv.new_zeros(B, W, D)                                             # window, right-aligned
-        key_ok = torch.zeros(B, W, dtype=torch.bool, device=kv.device)
         for b, st in enumerate(states):
-            w = st.window.shape[0]
-            if w:
-                keys[b, W - 1 - w: W - 1] = st.window
-            keys[b, W - 1] = kv[b]
-            key_ok[b, W - 1 - w:] = True
-            keep = min(w + 1, W - 1)
+            if lens[b]:
+                keys[b, W - 1 - lens[b]: W - 1] = st.window
+        keys[:, W - 1] = kv
+        key_ok = torch.arange(W, device=kv.device)[None, :] >= (W - 1 - torch.tensor(lens, device=kv.device))[:, None]
+        for b, st in enumerate(states):
+            keep = min(lens[b] + 1, W - 1)
             st.window = keys[b, W - keep:].clone() if keep else keys[b, :0].clone()
-        scale = D ** -0.5
-        logits = [torch.einsum("bhd,bkd->bhk", q, keys).masked_fill(~key_ok[:, None, :], float("-inf")) * scale]
-        values = [keys]
+        entries = entry_ok = None
         if self.compressor is not None:
             counts = [st.comp.num_entries for st in states]
             if max(counts):
-                entries, ok = self._decode_entries(states, counts, idx_q, idx_w)  # [B, K, D], [B, K]
-                comp = torch.einsum("bhd,bkd->bhk", q, entries) * scale
-                logits.append(comp.masked_fill(~ok[:, None, :], float("-inf")))
-                values.append(entries)
-        probs = self._softmax_with_sink(torch.cat(logits, dim=-1).unsqueeze(-2)).squeeze(-2)  # [B, H, K]
-        return torch.einsum("bhk,bkd->bhd", probs, torch.cat(values, dim=1))
+                entries, entry_ok = self._decode_entries(states, counts, idx_q, idx_w)  # [B, K, D], [B, K]
+                entry_ok = entry_ok.unsqueeze(1)
+        out = self._attend(q.unsqueeze(2), keys, key_ok.unsqueeze(1), entries, entry_ok)  # [B, H, 1, D]
+        return out.squeeze(2)
 
     def _decode_entries(self, states, counts, idx_q, idx_w):
         """Each sequence's attended entries, padded: ([B, K, D], valid [B, K])."""

@@ -44,11 +44,23 @@ class CheckpointReader:
                 handle = safe_open(f, framework="pt")
             except Exception as e:  # truncated / not safetensors
                 raise CheckpointError(f"{f}: cannot open as safetensors ({e})") from None
-            self._handles[f] = handle
             for key in handle.keys():
                 if any(p.search(key) for p in IGNORED):
                     continue
                 self._add(f, key, handle)
+            del handle
+
+    def _handle(self, file: str):
+        """The open (memory-mapped) file; reopened after `release()`."""
+        handle = self._handles.get(file)
+        if handle is None:
+            handle = self._handles[file] = safe_open(file, framework="pt")
+        return handle
+
+    def release(self) -> None:
+        """Unmap every file. Pages of a mapped checkpoint count as resident memory while mapped, so
+        loaders release after each batch of reads to keep peak memory near the loaded weights."""
+        self._handles.clear()
 
     @staticmethod
     def _list_files(path: str) -> list[str]:
@@ -93,7 +105,7 @@ class CheckpointReader:
 
     def shape(self, name: str) -> tuple[int, ...]:
         ref = self._ref(name)
-        shape = tuple(self._handles[ref.file].get_slice(ref.key).get_shape())
+        shape = tuple(self._handle(ref.file).get_slice(ref.key).get_shape())
         if ref.packed_index < 0:
             return shape
         if ref.packed_part == "w2":
@@ -110,7 +122,7 @@ class CheckpointReader:
         """The stored tensor (packed experts sliced to one expert), without dequantization."""
         ref = self._ref(name)
         try:
-            sl = self._handles[ref.file].get_slice(ref.key)
+            sl = self._handle(ref.file).get_slice(ref.key)
             if ref.packed_index < 0:
                 return sl[:]
             t = sl[ref.packed_index]                     # reads only this expert's rows

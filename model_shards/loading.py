@@ -37,6 +37,9 @@ def _assign(module: nn.Module, reader: CheckpointReader, names: dict[str, str], 
             raise CheckpointError(f"{ref.file}: tensor {ref.key!r} has shape {tuple(t.shape)}, "
                                   f"expected {tuple(param.shape)}")
         loaded[key] = t.to(device=device, dtype=param.dtype if not param.dtype.is_floating_point else dtype)
+        if len(loaded) % 64 == 0:
+            reader.release()
+    reader.release()
     module.load_state_dict(loaded, strict=True, assign=True)
 
 
@@ -70,6 +73,7 @@ def load_experts(cfg: ModelConfig, reader: CheckpointReader, expert_ids: list[in
                 stacked[j] = t
                 del t
             getattr(bank, part)[layer] = nn.Parameter(stacked, requires_grad=False)
+            reader.release()
     return bank
 
 

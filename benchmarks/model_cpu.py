@@ -1,0 +1,133 @@
+"""CPU model speed vs transformers' DeepseekV4ForCausalLM, same weights, same process; load memory.
+
+    python benchmarks/model_cpu.py [--preset small] [--prefill 2048] [--decode-steps 16]
+
+Reports prefill tokens/s (one prompt of --prefill tokens) and decode tokens/s at batch 1 and 8
+(after a 256-token prompt per sequence), each with the ratio ours / transformers; and the peak RSS
+growth while loading the official FP8/FP4 checkpoint of the same preset, against the bytes of the
+dequantized weights. Targets (issue #2): prefill >= 1.0x, decode batch 8 >= 3x, load peak <= 1.3x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import append_results  # noqa: E402
+from model_shards import DeepseekV4  # noqa: E402
+from model_shards.random_checkpoint import generate  # noqa: E402
+
+
+def timed(fn, repeats: int = 1) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+@torch.no_grad()
+def bench_ours(model: DeepseekV4, prompt_len: int, batch: int, steps: int, vocab: int) -> tuple[float, float]:
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, vocab, (prompt_len,), generator=gen)
+    prefill_s = timed(lambda: model(prompt.unsqueeze(0)), 2)
+    states = [model.new_state() for _ in range(batch)]
+    model.step(states, [torch.randint(0, vocab, (256,), generator=gen) for _ in range(batch)], all_logits=False)
+    tokens = [torch.randint(0, vocab, (1,), generator=gen) for _ in range(batch)]
+    for _ in range(2):  # warm-up
+        model.step(states, tokens, all_logits=False)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        model.step(states, tokens, all_logits=False)
+    decode_s = (time.perf_counter() - t0) / steps
+    return prompt_len / prefill_s, batch / decode_s
+
+
+@torch.no_grad()
+def bench_reference(ref, prompt_len: int, batch: int, steps: int, vocab: int) -> tuple[float, float]:
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, vocab, (1, prompt_len), generator=gen)
+    prefill_s = timed(lambda: ref(prompt), 2)
+    out = ref(torch.randint(0, vocab, (batch, 256), generator=gen), use_cache=True)
+    cache = out.past_key_values
+    token = torch.randint(0, vocab, (batch, 1), generator=gen)
+    for _ in range(2):  # warm-up
+        ref(token, past_key_values=cache, use_cache=True)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        ref(token, past_key_values=cache, use_cache=True)
+    decode_s = (time.perf_counter() - t0) / steps
+    return prompt_len / prefill_s, batch / decode_s
+
+
+LOAD_SNIPPET = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from model_shards import DeepseekV4
+def status_kb(key):  # VmHWM is this process's own peak (ru_maxrss can carry the parent's across exec)
+    return int(open('/proc/self/status').read().split(key + ':')[1].split()[0])
+before = status_kb('VmRSS')
+m = DeepseekV4.from_pretrained({path!r})
+peak = status_kb('VmHWM')
+n = sum(p.numel() * p.element_size() for p in m.parameters())
+print(before, peak, n)
+"""
+
+
+def bench_load(preset: str, tmp: str) -> dict:
+    path = os.path.join(tmp, "fp8")
+    generate(path, preset, "official", "fp8", seed=0)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", LOAD_SNIPPET.format(root=root, path=path)],
+                         capture_output=True, text=True, check=True).stdout.split()
+    before_kb, peak_kb, weight_bytes = int(out[0]), int(out[1]), int(out[2])
+    growth = (peak_kb - before_kb) * 1024
+    return {"dequantized_weight_mb": round(weight_bytes / 2**20, 1), "peak_rss_growth_mb": round(growth / 2**20, 1),
+            "peak_over_weights": round(growth / weight_bytes, 3), "checkpoint_mb": round(
+                sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)) / 2**20, 1)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default="small")
+    p.add_argument("--prefill", type=int, default=2048)
+    p.add_argument("--decode-steps", type=int, default=16)
+    p.add_argument("--no-append", action="store_true")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    from transformers import DeepseekV4ForCausalLM
+
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_path = os.path.join(tmp, "hf")
+        cfg = generate(hf_path, args.preset, "hf", "none", seed=0)
+        ours = DeepseekV4.from_pretrained(hf_path)
+        ref = DeepseekV4ForCausalLM.from_pretrained(hf_path, dtype=torch.float32).eval()
+        result: dict = {"preset": args.preset, "threads": torch.get_num_threads(), "prefill_tokens": args.prefill}
+        for batch in (1, 8):
+            o_pre, o_dec = bench_ours(ours, args.prefill, batch, args.decode_steps, cfg.vocab_size)
+            r_pre, r_dec = bench_reference(ref, args.prefill, batch, args.decode_steps, cfg.vocab_size)
+            if batch == 1:
+                result["prefill_tok_s"] = {"ours": round(o_pre, 1), "transformers": round(r_pre, 1),
+                                           "ratio": round(o_pre / r_pre, 2)}
+            result[f"decode_b{batch}_tok_s"] = {"ours": round(o_dec, 1), "transformers": round(r_dec, 1),
+                                                "ratio": round(o_dec / r_dec, 2)}
+        result["load_official_fp8_fp4"] = bench_load(args.preset, tmp)
+    notes = ("Model speed on CPU, fp32, same weights and process as transformers 5.23.0 "
+             "(targets: prefill >= 1.0x, decode batch 8 >= 3x; load peak RSS growth <= 1.3x weights).")
+    if args.no_append:
+        import json
+        print(json.dumps(result, indent=2))
+    else:
+        append_results(f"model_cpu ({args.preset})", result, notes)
+
+
+if __name__ == "__main__":
+    main()
