@@ -61,19 +61,24 @@ def load_experts(cfg: ModelConfig, reader: CheckpointReader, expert_ids: list[in
     I, D = cfg.moe_intermediate_size, cfg.hidden_size
     shapes = {"w1": (I, D), "w3": (I, D), "w2": (D, I)}
     for layer in range(cfg.num_layers):
-        for part in ("w1", "w3", "w2"):
-            stacked = torch.empty(len(bank.expert_ids), *shapes[part], dtype=dtype, device=device)
-            for j, e in enumerate(bank.expert_ids):
+        w13 = torch.empty(len(bank.expert_ids), 2 * I, D, dtype=dtype, device=device)
+        w2t = torch.empty(len(bank.expert_ids), I, D, dtype=dtype, device=device)
+        for j, e in enumerate(bank.expert_ids):
+            for part in ("w1", "w3", "w2"):
                 name = f"{prefix.format(layer=layer)}.ffn.experts.{e}.{part}.weight"
                 t = reader.read(name, dtype)
                 if tuple(t.shape) != shapes[part]:
                     ref = reader.refs[name]
                     raise CheckpointError(f"{ref.file}: tensor {ref.key!r} has shape {tuple(t.shape)}, "
                                           f"expected {shapes[part]}")
-                stacked[j] = t
+                if part == "w2":
+                    w2t[j] = t.T
+                else:
+                    w13[j, (0 if part == "w1" else I):(I if part == "w1" else 2 * I)] = t
                 del t
-            getattr(bank, part)[layer] = nn.Parameter(stacked, requires_grad=False)
-            reader.release()
+        bank.w13[layer] = nn.Parameter(w13, requires_grad=False)
+        bank.w2t[layer] = nn.Parameter(w2t, requires_grad=False)
+        reader.release()
     return bank
 
 

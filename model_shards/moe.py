@@ -58,8 +58,17 @@ class SharedExpert(nn.Module):
 
 
 class ExpertBank(nn.Module):
-    """Routed experts `expert_ids` of every MoE layer. Per layer: w1, w3 [E, I, hidden], w2 [E, hidden, I]
-    where E = len(expert_ids); `local_index[global id]` is -1 for experts this bank does not hold."""
+    """Routed experts `expert_ids` of every MoE layer.
+
+    Per layer: w13 [E, 2I, hidden] (w1 then w3, so one matmul gives gate and up) and w2t [E, I, hidden]
+    (the checkpoint's w2 transposed), E = len(expert_ids); `local_index[global id]` is -1 for experts
+    this bank does not hold. Two ways to compute, same math:
+    - grouped: (token, expert) pairs sorted by expert, one small matmul pair per expert hit;
+    - dense: when most held experts are hit (decode batches), every held expert on every token in
+      two large matmuls, the routing weight 0 for pairs that were not chosen. Large matmuls run
+      near memory bandwidth where many tiny ones do not; the clamped SwiGLU keeps activations
+      finite, so the zero weights contribute exactly 0.
+    """
 
     def __init__(self, cfg: ModelConfig, expert_ids: list[int], dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu", allocate: bool = True):
@@ -75,9 +84,9 @@ class ExpertBank(nn.Module):
         E, I, Dm = len(self.expert_ids), cfg.moe_intermediate_size, cfg.hidden_size
         make = (lambda *s: torch.zeros(*s, dtype=dtype, device=device)) if allocate else (
             lambda *s: torch.empty(0, dtype=dtype, device=device))
-        self.w1 = nn.ParameterList([nn.Parameter(make(E, I, Dm), requires_grad=False) for _ in range(cfg.num_layers)])
-        self.w3 = nn.ParameterList([nn.Parameter(make(E, I, Dm), requires_grad=False) for _ in range(cfg.num_layers)])
-        self.w2 = nn.ParameterList([nn.Parameter(make(E, Dm, I), requires_grad=False) for _ in range(cfg.num_layers)])
+        self.w13 = nn.ParameterList([nn.Parameter(make(E, 2 * I, Dm), requires_grad=False) for _ in range(cfg.num_layers)])
+        self.w2t = nn.ParameterList([nn.Parameter(make(E, I, Dm), requires_grad=False) for _ in range(cfg.num_layers)])
+        self.dense_threshold = 0.5  # fraction of held experts hit above which the dense path runs
 
     @property
     def num_bytes(self) -> int:
@@ -86,28 +95,41 @@ class ExpertBank(nn.Module):
     def forward(self, layer_id: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, hidden], expert_ids / weights [T, k] -> Σ over held experts of weight * expert(x), [T, hidden].
         Rows routed to no held expert stay zero."""
-        out = torch.zeros_like(x)
         if x.shape[0] == 0:
-            return out
+            return torch.zeros_like(x)
         local = self.local_index.to(expert_ids.device)[expert_ids]              # [T, k]
         flat_local = local.flatten()
         held = (flat_local >= 0).nonzero().squeeze(1)
         if held.numel() == 0:
-            return out
-        k = expert_ids.shape[1]
+            return torch.zeros_like(x)
+        num_hit = int(torch.unique(flat_local[held]).numel())
+        if self.cfg.swiglu_limit > 0 and num_hit >= self.dense_threshold * len(self.expert_ids):
+            return self._dense(layer_id, x, local, weights)
+        return self._grouped(layer_id, x, flat_local, held, weights, expert_ids.shape[1])
+
+    def _dense(self, layer_id: int, x: torch.Tensor, local: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        E, I = len(self.expert_ids), self.cfg.moe_intermediate_size
+        T = x.shape[0]
+        dense_w = torch.zeros(T, E + 1, dtype=x.dtype, device=x.device)        # column E collects non-held
+        dense_w.scatter_add_(1, torch.where(local >= 0, local, E), weights.to(x.dtype))
+        h = (x @ self.w13[layer_id].view(E * 2 * I, -1).T).view(T, E, 2 * I)    # [T, E, 2I]
+        act = swiglu(h[..., :I], h[..., I:], self.cfg.swiglu_limit) * dense_w[:, :E, None]
+        return act.reshape(T, E * I) @ self.w2t[layer_id].view(E * I, -1)      # [T, hidden]
+
+    def _grouped(self, layer_id, x, flat_local, held, weights, k) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        I = self.cfg.moe_intermediate_size
         order = held[torch.argsort(flat_local[held], stable=True)]               # (token, slot) pairs by expert
-        sorted_local = flat_local[order]
-        counts = torch.bincount(sorted_local, minlength=len(self.expert_ids)).tolist()
+        counts = torch.bincount(flat_local[order], minlength=len(self.expert_ids)).tolist()
         token_rows, flat_w = order // k, weights.flatten()[order]
-        w1, w2, w3 = self.w1[layer_id], self.w2[layer_id], self.w3[layer_id]
+        w13, w2t = self.w13[layer_id], self.w2t[layer_id]
         begin = 0
         for e, n in enumerate(counts):
             if n == 0:
                 continue
             rows = token_rows[begin: begin + n]
-            xe = x[rows]                                                          # [n, hidden]
-            h = swiglu(xe @ w1[e].T, xe @ w3[e].T, self.cfg.swiglu_limit)         # [n, I]
-            y = (h @ w2[e].T) * flat_w[begin: begin + n, None].to(x.dtype)
+            h = x[rows] @ w13[e].T                                                # [n, 2I]
+            y = (swiglu(h[:, :I], h[:, I:], self.cfg.swiglu_limit) @ w2t[e]) * flat_w[begin: begin + n, None].to(x.dtype)
             out.index_add_(0, rows, y)
             begin += n
         return out
