@@ -1,0 +1,132 @@
+"""Router: the dense model, stepped over a Transport with micro-batched dispatch / combine overlap.
+
+Owns: the dense weights (embedding, attention, mHC, gates, shared experts, head) and the step
+pipeline; NOT the sequence states (the caller owns them: the Engine, or `forward`), nor the
+shards (the transport talks to them). One step at a time (a lock), since the shards follow one
+fixed message order.
+
+Overlap (ping-pong). The step's sequences are split into M micro-batches (StepBatch.split,
+balanced token counts). For every layer and micro-batch m in order:
+
+    combine(m, layer-1) -> moe_end          wait for m's routed experts of the previous layer
+    attention(m, layer) -> gate             the router's own work for m
+    dispatch(m, layer)                      async: the bytes move and the shards compute ...
+    shared_expert(m, layer)                 ... while the router runs m's shared expert and then
+                                            micro-batch m+1's combine / attention / gate
+So with M = 2, while the shards compute micro-batch 0 of layer i the router runs attention and the
+shared expert of micro-batch 1, and vice versa (the dual-batch overlap of DeepEP / SGLang TBO).
+M = 1 keeps only the shared-expert overlap. Micro-batches split by sequence: a single long
+prompt is one micro-batch (splitting inside a sequence would need per-layer positions in
+model_shards).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+
+from model_shards import DenseModel, SequenceState, StepBatch
+
+from .messages import StepTiming
+from .transport import Transport
+
+
+class Router:
+    def __init__(self, dense: DenseModel, transport: Transport, micro_batches: int = 1):
+        if micro_batches < 1:
+            raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
+        self.dense = dense
+        self.config = dense.cfg
+        self.transport = transport
+        self.micro_batches = micro_batches
+        self.layer_ids = tuple(range(self.config.num_layers))   # every V4 layer has a MoE
+        self.prefill_chunk = 4096       # forward() runs prompts in chunks of this many tokens
+        self.last_timing = StepTiming()
+        self._step_id = 0
+        self._lock = threading.Lock()
+
+    def new_state(self) -> SequenceState:
+        return self.dense.new_state()
+
+    # ---- ModelRunner.step --------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, states: list[SequenceState], token_ids: list[torch.Tensor], all_logits: bool = False,
+             micro_batches: int | None = None) -> list[torch.Tensor]:
+        """Advance each state by its tokens; per sequence, logits of the last token [vocab] (or of
+        all new tokens [S_k, vocab] when all_logits). On ShardError the states are invalid."""
+        with self._lock:
+            return self._step(states, token_ids, all_logits, micro_batches or self.micro_batches)
+
+    def _step(self, states, token_ids, all_logits, num_parts) -> list[torch.Tensor]:
+        t_start = time.perf_counter()
+        dense, transport = self.dense, self.transport
+        ids = [t.reshape(-1) for t in token_ids]
+        groups = StepBatch.build(states, ids).split(num_parts)     # validates the step's shape
+        # begin_step validates token ids before any shard is involved
+        mbs = [dense.begin_step([states[k] for k in g], [ids[k] for k in g]) for g in groups]
+        transport.ensure_ready()
+        self._step_id += 1
+        timing = StepTiming(num_tokens=sum(b.num_tokens for _, b in mbs), num_micro_batches=len(mbs))
+        transport.begin_step(self._step_id, self.layer_ids, tuple(b.num_tokens for _, b in mbs))
+        try:
+            hs = self._layers([h for h, _ in mbs], [b for _, b in mbs], timing)
+            transport.end_step()
+        except BaseException as e:
+            err = transport.abort_step(e)
+            if err is e:
+                raise
+            raise err from e
+        out: list[torch.Tensor | None] = [None] * len(states)
+        is_finite = True
+        for g, h, (_, batch) in zip(groups, hs, mbs):
+            logits = dense.finish_step(h, batch, None if all_logits else batch.last_rows())
+            is_finite = is_finite and bool(torch.isfinite(logits).all())
+            per_seq = [logits[s: s + n] for s, n in zip(batch.starts, batch.lengths)] if all_logits else list(logits)
+            for k, lg in zip(g, per_seq):
+                out[k] = lg
+        if not is_finite:   # a shard whose compute raised answered NaN rows: surface its error
+            err = transport.step_error()
+            if err is not None:
+                raise err
+        timing.total_s = time.perf_counter() - t_start
+        timing.dense_s = timing.total_s - timing.wait_s
+        self.last_timing = timing
+        return out
+
+    def _layers(self, hs: list[torch.Tensor], batches: list[StepBatch], timing: StepTiming) -> list[torch.Tensor]:
+        """The ping-pong schedule over all layers; hs[m]: [T_m, hc, hidden] residual streams."""
+        dense, transport = self.dense, self.transport
+        num_mb = len(hs)
+        works, pending, shared = [None] * num_mb, [None] * num_mb, [None] * num_mb
+        for layer in self.layer_ids:
+            for m in range(num_mb):
+                if pending[m] is not None:
+                    hs[m] = dense.moe_end(works[m], self._combine(pending[m], timing), shared[m])
+                hs[m] = dense.attention_sublayer(layer, hs[m], batches[m])
+                works[m] = dense.moe_begin(layer, hs[m], batches[m])
+                w = works[m]
+                pending[m] = transport.dispatch(layer, m, w.x, w.expert_ids, w.weights)   # x [T_m, hidden]
+                shared[m] = dense.shared_expert(w)                                        # overlaps the experts
+        for m in range(num_mb):
+            hs[m] = dense.moe_end(works[m], self._combine(pending[m], timing), shared[m])
+        return hs
+
+    def _combine(self, pending, timing: StepTiming) -> torch.Tensor:
+        t0 = time.perf_counter()
+        routed = self.transport.combine(pending)
+        timing.wait_s += time.perf_counter() - t0
+        return routed
+
+    # ---- whole sequences ---------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Fresh sequences from position 0: [B, S] (or [S]) -> logits [B, S, vocab]."""
+        ids = input_ids if input_ids.dim() == 2 else input_ids.unsqueeze(0)
+        states = [self.new_state() for _ in range(ids.shape[0])]
+        chunks = []
+        for i in range(0, ids.shape[1], self.prefill_chunk):
+            outs = self.step(states, [row[i: i + self.prefill_chunk] for row in ids], all_logits=True)
+            chunks.append(torch.stack(outs))
+        return torch.cat(chunks, dim=1)

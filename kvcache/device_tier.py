@@ -1,0 +1,74 @@
+"""Device tier: decoded records (tensors) in the router process's memory.
+
+Owns: the in-process key -> `Record` map and its exact LRU byte accounting (tensor bytes).
+Thread-safe (one lock). Records it keeps own their memory: a borrowed record (tensors viewing a
+Redis value or a memory-mapped segment) is copied on the way in.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+from kvcache.lru import ByteLRU
+from kvcache.record import Record
+from kvcache.tier import Tier
+
+
+class DeviceTier(Tier):
+    name = "device"
+    stores_bytes = False
+
+    def __init__(self, budget_bytes: int):
+        self._lru = ByteLRU(budget_bytes)
+        self._records: dict[str, Record] = {}
+        self._lock = threading.Lock()
+
+    def get_many(self, keys: Sequence[str]) -> list[Record | None]:
+        with self._lock:
+            out = [self._records.get(key) for key in keys]
+            self._lru.touch_many(key for key, record in zip(keys, out) if record is not None)
+        return out
+
+    def put_many(self, items: Sequence[tuple[str, Record]], *, is_collecting_evicted: bool = False
+                 ) -> list[tuple[str, Record]]:
+        evicted = []
+        with self._lock:
+            for key, record in items:
+                if not self._lru.fits(record.num_bytes):
+                    continue
+                self._records[key] = record.owned()
+                self._lru.add(key, record.num_bytes)
+            for key in self._lru.pop_over_budget():
+                evicted.append((key, self._records.pop(key)))
+        return evicted if is_collecting_evicted else []
+
+    def contains_many(self, keys: Sequence[str]) -> list[bool]:
+        with self._lock:
+            return [key in self._records for key in keys]
+
+    def touch_many(self, keys: Sequence[str]) -> None:
+        with self._lock:
+            self._lru.touch_many(keys)
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        with self._lock:
+            for key in keys:
+                self._records.pop(key, None)
+                self._lru.remove(key)
+
+    def lru_keys(self) -> list[str]:
+        with self._lock:
+            return self._lru.keys()
+
+    @property
+    def num_bytes(self) -> int:
+        return self._lru.num_bytes
+
+    @property
+    def num_records(self) -> int:
+        return len(self._lru)
+
+    @property
+    def budget_bytes(self) -> int:
+        return self._lru.budget_bytes

@@ -1,0 +1,319 @@
+"""Disk tier: record bytes in append-only segment files under a directory (see segments.py).
+
+Owns: the in-memory index key -> (segment, batch, row), the per-segment live-key sets, the exact
+LRU over live record bytes (the byte budget), and a small cache of memory-mapped readers.
+
+- The index is rebuilt on start by scanning every segment in name (= creation) order; a later
+  copy of a key wins; unreadable segments are deleted. The same scan runs again whenever the
+  directory changes, so records another process commits become visible.
+- Each `put_many` writes one or more new segments (temp + rename). Evicted or deleted records
+  only leave the index; `collect_garbage` (run after writes) unlinks segments with no live
+  records and rewrites segments that are mostly dead, that held a deleted (corrupt) record, or
+  too many small ones, into new segments. So a deleted record is gone from disk after the next
+  garbage collection and never comes back on restart.
+- One process is expected to write a directory at a time; others may read it concurrently.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+
+from kvcache.lru import ByteLRU
+from kvcache.segments import (
+    SegmentReader, is_segment_name, new_segment_name, remove_stale_temps, write_segment,
+)
+from kvcache.tier import Tier
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Location:
+    segment: str
+    batch_id: int
+    row_id: int
+    num_bytes: int
+
+
+@dataclass
+class _Segment:
+    file_bytes: int
+    live_keys: set[str] = field(default_factory=set)
+    dead_bytes: int = 0
+    is_rewrite_due: bool = False
+
+
+class DiskTier(Tier):
+    name = "disk"
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        budget_bytes: int,
+        max_segment_bytes: int = 256 << 20,
+        max_open_segments: int = 64,
+        compact_dead_fraction: float = 0.5,
+        max_small_segments: int = 32,
+    ):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.max_segment_bytes = max_segment_bytes
+        self.max_open_segments = max_open_segments
+        self.compact_dead_fraction = compact_dead_fraction
+        self.max_small_segments = max_small_segments
+        self._lock = threading.RLock()
+        self._index: dict[str, _Location] = {}
+        self._segments: dict[str, _Segment] = {}
+        self._readers: OrderedDict[str, SegmentReader] = OrderedDict()
+        self._lru = ByteLRU(budget_bytes)
+        self._scanned_mtime_ns: int | None = None
+        self._own_writes: set[str] = set()  # segments this instance is writing right now
+        self._is_write_warned = False
+        remove_stale_temps(self.directory)
+        self.refresh()  # no eviction here: a process that only reads never deletes files
+
+    # -- index --------------------------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Pick up segments other processes added or removed since the last scan."""
+        try:
+            mtime_ns = os.stat(self.directory).st_mtime_ns
+            recent = time.time_ns() - mtime_ns < 1_000_000_000  # coarse timestamps: look again
+            if mtime_ns == self._scanned_mtime_ns and not recent:
+                return
+            with self._lock:
+                known = set(self._segments)  # only these can be judged gone by the listing
+            names = sorted(n for n in os.listdir(self.directory) if is_segment_name(n))
+        except OSError as exc:
+            log.warning("disk tier: cannot list %s (%s)", self.directory, exc)
+            return
+        with self._lock:
+            self._scanned_mtime_ns = mtime_ns
+            for name in known - set(names):
+                if name in self._segments:
+                    self._forget_segment(name)
+            for name in names:
+                if name not in self._segments and name not in self._own_writes:
+                    self._load_segment(name)
+
+    def _load_segment(self, name: str) -> None:
+        path = self.directory / name
+        try:
+            reader = SegmentReader(path)
+            rows = reader.scan()
+            file_bytes = path.stat().st_size
+        except FileNotFoundError:
+            return
+        except Exception as exc:
+            log.warning("disk tier: deleting unreadable segment %s (%s)", path, exc)
+            path.unlink(missing_ok=True)
+            return
+        self._segments[name] = _Segment(file_bytes=file_bytes)
+        self._cache_reader(name, reader)
+        for row in rows:
+            self._set_location(row.key, _Location(name, row.batch_id, row.row_id, row.num_bytes))
+
+    def _set_location(self, key: str, location: _Location) -> None:
+        self._unlink_key(key)
+        self._index[key] = location
+        self._segments[location.segment].live_keys.add(key)
+        self._lru.add(key, location.num_bytes)
+
+    def _unlink_key(self, key: str, *, is_rewrite_due: bool = False) -> None:
+        location = self._index.pop(key, None)
+        self._lru.remove(key)
+        if location is None or location.segment not in self._segments:
+            return
+        segment = self._segments[location.segment]
+        segment.live_keys.discard(key)
+        segment.dead_bytes += location.num_bytes
+        segment.is_rewrite_due |= is_rewrite_due
+
+    def _forget_segment(self, name: str) -> None:
+        segment = self._segments.pop(name)
+        self._readers.pop(name, None)
+        for key in segment.live_keys:
+            self._index.pop(key, None)
+            self._lru.remove(key)
+
+    def _cache_reader(self, name: str, reader: SegmentReader) -> None:
+        self._readers[name] = reader
+        self._readers.move_to_end(name)
+        while len(self._readers) > self.max_open_segments:
+            self._readers.popitem(last=False)  # the map closes when no buffer uses it
+
+    def _reader(self, name: str) -> SegmentReader:
+        reader = self._readers.get(name)
+        if reader is None:
+            reader = SegmentReader(self.directory / name)
+        self._cache_reader(name, reader)
+        return reader
+
+    def _read(self, key: str) -> pa.Buffer | None:
+        location = self._index.get(key)
+        if location is None:
+            return None
+        try:
+            return self._reader(location.segment).read(location.batch_id, location.row_id)
+        except FileNotFoundError:
+            self._forget_segment(location.segment)
+        except Exception as exc:
+            log.warning("disk tier: cannot read %s from %s (%s)", key, location.segment, exc)
+            self._unlink_key(key, is_rewrite_due=True)
+        return None
+
+    # -- Tier interface -----------------------------------------------------------------------
+
+    def get_many(self, keys: Sequence[str]) -> list[pa.Buffer | None]:
+        self.refresh()
+        with self._lock:
+            out = [self._read(key) for key in keys]
+            self._lru.touch_many(key for key, value in zip(keys, out) if value is not None)
+        return out
+
+    def put_many(self, items: Sequence[tuple[str, object]], *, is_collecting_evicted: bool = False
+                 ) -> list[tuple[str, object]]:
+        items = [(key, value) for key, value in items if self._lru.fits(memoryview(value).nbytes)]
+        for group in self._groups(items):
+            if not self._write(group):
+                break
+        with self._lock:
+            self._evict_over_budget()
+        self.collect_garbage()
+        return []
+
+    def _groups(self, items: list[tuple[str, object]]):
+        group, group_bytes = [], 0
+        for key, value in items:
+            size = memoryview(value).nbytes
+            if group and group_bytes + size > self.max_segment_bytes:
+                yield group
+                group, group_bytes = [], 0
+            group.append((key, value))
+            group_bytes += size
+        if group:
+            yield group
+
+    def _write(self, items: list[tuple[str, object]], *, relocated_from: set[str] | None = None) -> bool:
+        """Write `items` as new segment(s). With `relocated_from` (garbage collection), only keys
+        still living in those segments move, keeping their LRU position."""
+        name = new_segment_name()
+        with self._lock:
+            self._own_writes.add(name)
+        try:
+            rows, file_bytes = write_segment(self.directory, name, items)
+        except OSError as exc:  # a full or broken disk drops the write, never fails the caller
+            if not self._is_write_warned:
+                log.warning("disk tier: cannot write to %s (%s); dropping writes", self.directory, exc)
+                self._is_write_warned = True
+            with self._lock:
+                self._own_writes.discard(name)
+            return False
+        self._is_write_warned = False
+        with self._lock:
+            self._own_writes.discard(name)
+            segment = self._segments[name] = _Segment(file_bytes=file_bytes)
+            for row in rows:
+                location = _Location(name, row.batch_id, row.row_id, row.num_bytes)
+                if relocated_from is None:
+                    self._set_location(row.key, location)
+                    continue
+                old = self._index.get(row.key)
+                if old is None or old.segment not in relocated_from:
+                    segment.dead_bytes += row.num_bytes  # deleted or rewritten meanwhile
+                    continue
+                self._segments[old.segment].live_keys.discard(row.key)
+                self._segments[old.segment].dead_bytes += old.num_bytes
+                self._index[row.key] = location
+                segment.live_keys.add(row.key)
+        return True
+
+    def _evict_over_budget(self) -> None:
+        for key in self._lru.pop_over_budget():
+            self._unlink_key(key)
+
+    def contains_many(self, keys: Sequence[str]) -> list[bool]:
+        self.refresh()
+        with self._lock:
+            return [key in self._index for key in keys]
+
+    def touch_many(self, keys: Sequence[str]) -> None:
+        with self._lock:
+            self._lru.touch_many(keys)
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        """Drop keys now; their bytes leave the files at the next `collect_garbage`."""
+        with self._lock:
+            for key in keys:
+                self._unlink_key(key, is_rewrite_due=True)
+
+    def lru_keys(self) -> list[str]:
+        with self._lock:
+            return self._lru.keys()
+
+    @property
+    def num_bytes(self) -> int:
+        return self._lru.num_bytes
+
+    @property
+    def num_records(self) -> int:
+        return len(self._lru)
+
+    @property
+    def budget_bytes(self) -> int:
+        return self._lru.budget_bytes
+
+    @property
+    def num_file_bytes(self) -> int:
+        with self._lock:
+            return sum(s.file_bytes for s in self._segments.values())
+
+    def segment_names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._segments)
+
+    # -- garbage collection -------------------------------------------------------------------
+
+    def collect_garbage(self) -> None:
+        """Unlink dead segments; rewrite mostly-dead, corrupt-holding or too many small ones."""
+        with self._lock:
+            empty = [n for n, s in self._segments.items() if not s.live_keys]
+            rewrite = [
+                n for n, s in self._segments.items() if s.live_keys and (
+                    s.is_rewrite_due or s.dead_bytes >= self.compact_dead_fraction * s.file_bytes)
+            ]
+            small = [
+                n for n, s in self._segments.items()
+                if s.live_keys and n not in rewrite and s.file_bytes < self.max_segment_bytes // 8
+            ]
+            if len(small) > self.max_small_segments:
+                rewrite += small
+            for name in empty:
+                self._remove_file(name)
+            moved = [(key, self._read(key)) for name in rewrite for key in sorted(self._segments[name].live_keys)]
+        moved = [(key, value) for key, value in moved if value is not None]
+        for group in self._groups(moved):
+            if not self._write(group, relocated_from=set(rewrite)):
+                return  # keep the old segments; try again later
+        with self._lock:
+            for name in rewrite:
+                if name in self._segments and not self._segments[name].live_keys:
+                    self._remove_file(name)
+
+    def _remove_file(self, name: str) -> None:
+        self._segments.pop(name, None)
+        self._readers.pop(name, None)
+        try:
+            (self.directory / name).unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("disk tier: cannot delete %s (%s)", name, exc)

@@ -1,0 +1,266 @@
+"""The tier hierarchy: device, then Redis, then disk; promotion, demotion and write-through.
+
+Owns: the ordered tiers, the record codec settings (fingerprint, checksum), the background
+writer and the per-tier counters. Policy:
+
+- put: the device tier synchronously; every lower tier through the background writer
+  (write-through, so other processes and later restarts see every commit). A lower tier only
+  receives keys it lacks; keys it already has become most recently used there.
+- eviction moves a record down: device evictions are written to the lower tiers that lack
+  them, Redis evictions (GET+DEL) to the disk.
+- get: tiers in order; a hit below the device is decoded (tensors borrowed from the fetched
+  bytes, no copy), verified and promoted: into the device synchronously (which copies what it
+  keeps), into the byte tiers above it through the writer.
+- a record failing verification (`RecordError`) is deleted from its tier, counted as corrupt,
+  and the search continues below: a miss, never a wrong answer.
+- index records (checkpoint offsets of one block) are merged by union when written and read
+  as the union over all tiers, so checkpoints committed by other processes are found.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kvcache.keys import INDEX_PREFIX
+from kvcache.record import Record, RecordError, decode_record, encode_record
+from kvcache.stats import TierCounters, TierStats
+from kvcache.tier import Tier
+from kvcache.writer import BackgroundWriter
+
+log = logging.getLogger(__name__)
+INDEX_OFFSETS = "offsets"
+
+
+@dataclass
+class Hit:
+    record: Record
+    tier: str
+    num_bytes: int
+
+
+class _Pending:
+    """A record on its way to lower tiers: decoded, encoded, or both (each made lazily)."""
+
+    def __init__(self, key: str, record: Record | None = None, data=None):
+        self.key, self._record, self._data = key, record, data
+
+    @property
+    def is_index(self) -> bool:
+        return self.key.startswith(INDEX_PREFIX)
+
+    @property
+    def num_bytes(self) -> int:
+        return self._record.num_bytes if self._record is not None else memoryview(self._data).nbytes
+
+    def record(self, stack: TierStack) -> Record:
+        if self._record is None:
+            self._record = decode_record(self._data, stack.fingerprint, expected_key=self.key, is_borrowed=True)
+        return self._record
+
+    def data(self, stack: TierStack):
+        if self._data is None:
+            self._data = encode_record(self._record, stack.fingerprint, checksum=stack.checksum)
+        return self._data
+
+
+def index_record(key: str, offsets: Iterable[int]) -> Record:
+    values = torch.tensor(sorted(set(int(o) for o in offsets)), dtype=torch.int32)
+    return Record(kind="index", key=key, tensors={INDEX_OFFSETS: values})
+
+
+def index_offsets(record: Record | None) -> set[int]:
+    if record is None or record.kind != "index" or INDEX_OFFSETS not in record.tensors:
+        return set()
+    return set(record.tensors[INDEX_OFFSETS].tolist())
+
+
+class TierStack:
+    def __init__(self, tiers: Sequence[Tier], fingerprint: str, *, checksum: str = "crc32",
+                 max_pending_bytes: int = 1 << 30):
+        if not tiers or tiers[0].stores_bytes or any(not t.stores_bytes for t in tiers[1:]):
+            raise ValueError("the first tier must be the device tier, the others byte tiers")
+        self.tiers = list(tiers)
+        self.fingerprint = fingerprint
+        self.checksum = checksum
+        self.counters = {tier.name: TierCounters() for tier in self.tiers}
+        self.writer = BackgroundWriter(max_pending_bytes=max_pending_bytes)
+
+    @property
+    def device(self) -> Tier:
+        return self.tiers[0]
+
+    # -- reads --------------------------------------------------------------------------------
+
+    def get_many(self, keys: Sequence[str]) -> list[Hit | None]:
+        """First valid copy of each key, promoting hits from lower tiers (keys in LRU order:
+        the last key ends most recently used)."""
+        hits: list[Hit | None] = [None] * len(keys)
+        pending = list(range(len(keys)))
+        for depth, tier in enumerate(self.tiers):
+            if not pending or not tier.is_available():
+                continue
+            start = time.perf_counter()
+            values = self._tier_get(tier, [keys[i] for i in pending])
+            promoted = []
+            for i, value in zip(pending, values):
+                if value is None:
+                    continue
+                if depth == 0:
+                    hits[i] = Hit(value, tier.name, value.num_bytes)
+                    continue
+                record = self._decode(tier, keys[i], value)
+                if record is not None:
+                    hits[i] = Hit(record, tier.name, memoryview(value).nbytes)
+                    promoted.append(_Pending(keys[i], record, value))
+            remaining = [i for i in pending if hits[i] is None]
+            num_bytes = sum(hits[i].num_bytes for i in pending if hits[i] is not None)
+            self.counters[tier.name].add_reads(
+                len(pending) - len(remaining), len(remaining), num_bytes, time.perf_counter() - start)
+            if promoted:
+                self._promote(depth, promoted)
+            pending = remaining
+        if len(self.tiers) > 1:  # the device's LRU order follows `keys`, wherever each hit came from
+            self.device.touch_many([key for key, hit in zip(keys, hits) if hit is not None])
+        return hits
+
+    @staticmethod
+    def _tier_get(tier: Tier, keys: Sequence[str]) -> list:
+        """A tier's values, or all misses if it fails unexpectedly (a tier never fails a read)."""
+        try:
+            return tier.get_many(keys)
+        except Exception:
+            log.exception("kvcache: %s tier read failed; treating it as a miss", tier.name)
+            return [None] * len(keys)
+
+    def _decode(self, tier: Tier, key: str, value) -> Record | None:
+        try:
+            return decode_record(value, self.fingerprint, expected_key=key, is_borrowed=True)
+        except RecordError as exc:
+            log.warning("kvcache: %s tier record %s unusable (%s); deleting it", tier.name, key, exc)
+            self.counters[tier.name].add_corrupt(1)
+            tier.delete_many([key])
+            if hasattr(tier, "collect_garbage"):
+                self.writer.submit(tier.collect_garbage)
+            return None
+
+    def _promote(self, depth: int, items: list[_Pending]) -> None:
+        evicted = self.device.put_many([(p.key, p.record(self)) for p in items], is_collecting_evicted=True)
+        if evicted:
+            self._submit([_Pending(key, record) for key, record in evicted], first_depth=1)
+        if depth > 1:
+            self._submit(items, first_depth=1, last_depth=depth - 1)
+
+    def get_index_offsets(self, keys: Sequence[str]) -> list[set[int]]:
+        """Union of the checkpoint offsets stored under each index key in every tier."""
+        offsets: list[set[int]] = [set() for _ in keys]
+        for tier in self.tiers:
+            if not keys or not tier.is_available():
+                continue
+            for i, value in enumerate(self._tier_get(tier, keys)):
+                if value is not None:
+                    record = value if not tier.stores_bytes else self._decode(tier, keys[i], value)
+                    offsets[i] |= index_offsets(record)
+        return offsets
+
+    # -- writes -------------------------------------------------------------------------------
+
+    def put_many(self, records: Sequence[Record]) -> bool:
+        """Store `records` in order (the last ends most recently used): device now, the lower
+        tiers in the background. Index records are merged with what each tier holds."""
+        items = []
+        for record in records:
+            if record.kind == "index":
+                (current,) = self.device.get_many([record.key])
+                merged = index_offsets(current) | index_offsets(record)
+                record = index_record(record.key, merged)
+            items.append((record.key, record))
+        is_known = self.device.contains_many([key for key, _ in items])
+        num_new_bytes = sum(r.num_bytes for (_, r), known in zip(items, is_known) if not known)
+        evicted = self.device.put_many(items, is_collecting_evicted=True)
+        self.counters[self.device.name].add_writes(len(items) - sum(is_known), num_new_bytes)
+        pending = [_Pending(key, record) for key, record in evicted + items]
+        return self._submit(pending, first_depth=1, num_bytes=num_new_bytes)
+
+    def _submit(self, items: list[_Pending], *, first_depth: int, last_depth: int | None = None,
+                num_bytes: int | None = None) -> bool:
+        """Queue lower-tier writes; `num_bytes` is the memory they keep alive (default: all)."""
+        if not items or first_depth >= len(self.tiers):
+            return True
+        num_bytes = sum(p.num_bytes for p in items) if num_bytes is None else num_bytes
+        return self.writer.submit(lambda: self._store(items, first_depth, last_depth), num_bytes)
+
+    def _store(self, items: list[_Pending], first_depth: int, last_depth: int | None) -> None:
+        """Writer thread: write `items` to tiers first_depth..last_depth; whatever those tiers
+        evict continues down to the tiers below."""
+        carried: list[_Pending] = []
+        for depth in range(first_depth, len(self.tiers)):
+            is_in_range = last_depth is None or depth <= last_depth
+            batch = (items if is_in_range else []) + carried
+            if not batch:
+                return
+            tier = self.tiers[depth]
+            if tier.is_available():
+                carried = self._store_in(tier, depth, batch)
+
+    def _store_in(self, tier: Tier, depth: int, items: list[_Pending]) -> list[_Pending]:
+        items = list({p.key: p for p in items}.values())  # one write per key
+        plain = [p for p in items if not p.is_index]
+        present = tier.contains_many([p.key for p in plain])
+        tier.touch_many([p.key for p, is_present in zip(plain, present) if is_present])
+        writes = [p for p, is_present in zip(plain, present) if not is_present]
+        writes += self._merged_indexes(tier, [p for p in items if p.is_index])
+        encoded = []
+        for pending in writes:
+            try:
+                encoded.append((pending.key, pending.data(self)))
+            except RecordError:  # an evicted value that no longer verifies: let it go
+                continue
+        is_last = depth == len(self.tiers) - 1
+        evicted = tier.put_many(encoded, is_collecting_evicted=not is_last)
+        self.counters[tier.name].add_writes(len(encoded), sum(memoryview(v).nbytes for _, v in encoded))
+        return [_Pending(key, data=value) for key, value in evicted]
+
+    def _merged_indexes(self, tier: Tier, items: list[_Pending]) -> list[_Pending]:
+        """Index records to write to `tier`: each the union with the tier's current copy
+        (None where the tier already knows every offset)."""
+        if not items:
+            return []
+        merged = []
+        for pending, value in zip(items, tier.get_many([p.key for p in items])):
+            try:
+                offsets = index_offsets(pending.record(self))
+            except RecordError:
+                continue
+            current = self._decode(tier, pending.key, value) if value is not None else None
+            known = index_offsets(current)
+            if not offsets <= known:
+                merged.append(_Pending(pending.key, index_record(pending.key, offsets | known)))
+        return merged
+
+    # -- housekeeping -------------------------------------------------------------------------
+
+    def flush(self, timeout: float | None = None) -> bool:
+        return self.writer.flush(timeout)
+
+    def close(self) -> None:
+        self.writer.close()
+        for tier in self.tiers:
+            tier.close()
+
+    def tier_stats(self) -> dict[str, TierStats]:
+        out = {}
+        for tier in self.tiers:
+            c = self.counters[tier.name]
+            out[tier.name] = TierStats(
+                name=tier.name, is_available=tier.is_available(), num_hits=c.num_hits,
+                num_misses=c.num_misses, num_corrupt=c.num_corrupt, num_records=tier.num_records,
+                num_bytes=tier.num_bytes, budget_bytes=tier.budget_bytes,
+                num_bytes_loaded=c.num_bytes_loaded, load_seconds=c.load_seconds,
+                num_records_written=c.num_records_written, num_bytes_written=c.num_bytes_written,
+            )
+        return out

@@ -1,0 +1,360 @@
+"""KVCacheService: the engine's API to the tiered cache of compressed KV state.
+
+Owns: the service configuration, the tier hierarchy it builds (device, optional Redis, optional
+disk), and the service-level counters. The engine passes whole exported state dicts (the model's
+``state.export()``); this module turns them into records and back:
+
+- `commit(token_ids, states, salt)`: the compressed entries of every full block up to the
+  largest position, as span records of `span_tokens` (default `checkpoint_tokens`: one record
+  per periodic checkpoint interval, aligned) plus single-block records for the blocks of each
+  position's unfinished span; for every position, a window checkpoint; for each block holding
+  checkpoints, an index record of their offsets.
+- `lookup(token_ids, salt)`: the longest prefix ``P`` such that a checkpoint at ``P`` and all
+  blocks before it are cached; returns the exact state dict at ``P`` (what ``state.export()``
+  returned at ``P``), which the engine imports with ``SequenceState.from_export`` and then
+  prefills ``token_ids[P:]``. Blocks come from span records where the lookup's tokens cover the
+  whole span (a span is cut when ``P`` ends inside it), else from single-block records.
+
+Why spans: a long context is then a few large records per lookup instead of one per 128
+tokens, so the fixed cost of fetching, parsing and verifying a record is paid per
+`span_tokens`. Every resume point stays reachable: periodic checkpoints fall on span ends, and
+any other checkpoint (end of a prompt or response) also has single-block records for its
+unfinished span, so a request that diverges inside that span still finds them. The price is
+that those blocks can be stored twice (as singles and later inside their span).
+
+Records are put in depth order (deepest first), so under LRU a sequence loses its tail before
+its head and what remains is still a usable prefix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kvcache import fp8, layout
+from kvcache.device_tier import DeviceTier
+from kvcache.disk_tier import DiskTier
+from kvcache.hierarchy import Hit, TierStack, index_record
+from kvcache.keys import (
+    block_key, chain_hashes, checkpoint_key, index_key, span_key, token_array, validate_block_tokens,
+)
+from kvcache.record import Record
+from kvcache.redis_tier import RedisTier
+from kvcache.stats import CommitResult, LookupResult, ServiceStats
+
+log = logging.getLogger(__name__)
+State = Mapping[str, torch.Tensor]
+INDEX_CHUNK_BLOCKS = 64  # index records read per step of a lookup, from the end backwards
+
+
+@dataclass(frozen=True)
+class KVCacheConfig:
+    block_tokens: int = 128              # tokens per block record; a multiple of 128
+    checkpoint_tokens: int = 4096        # periodic window checkpoint interval
+    span_tokens: int | None = None       # tokens per span record; None: checkpoint_tokens if a
+                                         # multiple of block_tokens, else block_tokens (no spans)
+    device_bytes: int = 1 << 30
+    redis_bytes: int = 4 << 30
+    disk_bytes: int = 64 << 30
+    redis_prefix: str = "dsv4kv:"
+    redis_retry_s: float = 5.0           # while Redis is down, probe it this often
+    redis_timeout_s: float = 2.0
+    disk_segment_bytes: int = 256 << 20
+    is_fp8: bool = False                 # store latents as FP8 e4m3 (+ per-64 scales)
+    rope_dim: int = 64                   # trailing dims kept as computed under FP8
+    fp8_suffixes: tuple[str, ...] = fp8.DEFAULT_SUFFIXES
+    checksum: str = "rowcol64"           # or "crc32", "blake2b" (see checksum.py)
+    max_pending_bytes: int = 1 << 30     # background writes beyond this are dropped
+
+    def validate(self) -> None:
+        validate_block_tokens(self.block_tokens)
+        if self.checkpoint_tokens <= 0:
+            raise ValueError(f"checkpoint_tokens must be positive, got {self.checkpoint_tokens}")
+        if self.rope_dim < 0:
+            raise ValueError(f"rope_dim must be >= 0, got {self.rope_dim}")
+        if self.span_tokens is not None and (self.span_tokens <= 0 or self.span_tokens % self.block_tokens):
+            raise ValueError(f"span_tokens must be a positive multiple of block_tokens, got {self.span_tokens}")
+
+    @property
+    def span_blocks(self) -> int:
+        """Blocks per span record (1: every block is its own record)."""
+        if self.span_tokens is not None:
+            return self.span_tokens // self.block_tokens
+        if self.checkpoint_tokens % self.block_tokens == 0:
+            return self.checkpoint_tokens // self.block_tokens
+        return 1
+
+
+class KVCacheService:
+    def __init__(
+        self,
+        entry_rates: Mapping[str, int],
+        fingerprint: str,
+        *,
+        redis_url: str | None = None,
+        disk_dir: str | os.PathLike | None = None,
+        config: KVCacheConfig | None = None,
+        **overrides,
+    ):
+        """`entry_rates`: tokens per row of every ``*.entries`` tensor (``layout.entry_rates``
+        or ``model_shards.entry_rates(config)``); `fingerprint`: identifies the model (config +
+        weights); `overrides`: `KVCacheConfig` fields."""
+        self.config = dataclasses.replace(config or KVCacheConfig(), **overrides)
+        self.config.validate()
+        self.entry_rates = dict(entry_rates)
+        for name, rate in self.entry_rates.items():
+            if rate <= 0 or self.config.block_tokens % rate:
+                raise ValueError(f"{name!r}: rate {rate} must divide block_tokens {self.config.block_tokens}")
+        self.fingerprint = fingerprint
+        suffix = f"|fp8-e4m3-rope{self.config.rope_dim}" if self.config.is_fp8 else ""
+        self.storage_fingerprint = fingerprint + suffix  # keys and records of FP8 storage differ
+        tiers = [DeviceTier(self.config.device_bytes)]
+        if redis_url:
+            tiers.append(RedisTier(
+                redis_url, budget_bytes=self.config.redis_bytes, prefix=self.config.redis_prefix,
+                retry_interval_s=self.config.redis_retry_s, socket_timeout_s=self.config.redis_timeout_s,
+            ))
+        if disk_dir is not None:
+            tiers.append(DiskTier(
+                disk_dir, budget_bytes=self.config.disk_bytes, max_segment_bytes=self.config.disk_segment_bytes,
+            ))
+        self.stack = TierStack(tiers, self.storage_fingerprint, checksum=self.config.checksum,
+                               max_pending_bytes=self.config.max_pending_bytes)
+        self._lock = threading.Lock()
+        self._num_lookups = self._num_hit_lookups = self._num_commits = 0
+        self._num_lookup_tokens = self._num_cached_tokens = 0
+
+    @classmethod
+    def for_model_config(cls, model_config, fingerprint: str, **kwargs) -> KVCacheService:
+        """A service for a model config (duck-typed `model_shards.ModelConfig`): its entry rates
+        and, unless given, its rope width (`qk_rope_head_dim`, kept as computed under FP8)."""
+        rates = layout.entry_rates([model_config.compress_rate(i) for i in range(model_config.num_layers)],
+                                   csa_rate=model_config.csa_rate, index_rate=model_config.csa_rate)
+        if "rope_dim" not in kwargs and "config" not in kwargs:
+            kwargs["rope_dim"] = model_config.qk_rope_head_dim
+        return cls(rates, fingerprint, **kwargs)
+
+    # -- engine API ---------------------------------------------------------------------------
+
+    def lookup(self, token_ids: Sequence[int] | np.ndarray, salt: str | bytes | None = None, *,
+               max_tokens: int | None = None) -> LookupResult:
+        """Longest cached prefix of `token_ids` (at most `max_tokens` tokens; an engine that
+        needs logits for the last prompt token passes ``len(token_ids) - 1``)."""
+        start = time.perf_counter()
+        tokens = token_array(token_ids)
+        limit = len(tokens) if max_tokens is None else max(0, min(int(max_tokens), len(tokens)))
+        result = self._lookup(tokens, salt, limit) or LookupResult(0, None)
+        result.load_seconds = time.perf_counter() - start
+        with self._lock:
+            self._num_lookups += 1
+            self._num_hit_lookups += int(result.is_hit)
+            self._num_lookup_tokens += limit
+            self._num_cached_tokens += result.num_cached_tokens
+        return result
+
+    def _lookup(self, tokens: np.ndarray, salt, limit: int) -> LookupResult | None:
+        """Checkpoints are tried longest first; the index records that list them are read a
+        chunk of blocks at a time from the end, so a long hit reads few of them."""
+        block_tokens = self.config.block_tokens
+        # hashes over all the tokens: a span that ends past `limit` can still serve its head
+        hashes = chain_hashes(tokens, block_tokens, self.storage_fingerprint, salt, len(tokens) // block_tokens)
+        fetched: dict[str, Hit | None] = {}
+        num_usable_blocks = limit // block_tokens  # blocks [0, n) may all be cached; lowered on misses
+        last_block_id = num_usable_blocks
+        while last_block_id >= 0:
+            block_ids = range(last_block_id, max(-1, last_block_id - INDEX_CHUNK_BLOCKS), -1)
+            offsets = self.stack.get_index_offsets([index_key(hashes[k]) for k in block_ids])
+            candidates = sorted({
+                k * block_tokens + o for k, found in zip(block_ids, offsets) for o in found
+                if 0 <= o < block_tokens and 0 < k * block_tokens + o <= limit
+            }, reverse=True)
+            for position in candidates:
+                if position // block_tokens > num_usable_blocks:
+                    continue
+                result = self._try_checkpoint(tokens, salt, hashes, position, fetched)
+                if isinstance(result, LookupResult):
+                    return result
+                num_usable_blocks = min(num_usable_blocks, result)
+            last_block_id = min(block_ids[-1] - 1, num_usable_blocks)
+        return None
+
+    def _try_checkpoint(self, tokens: np.ndarray, salt, hashes: list[bytes], position: int,
+                        fetched: dict[str, Hit | None]) -> LookupResult | int:
+        """The state at `position`, or (a miss) how many leading blocks can still be cached."""
+        block_tokens = self.config.block_tokens
+        k = position // block_tokens
+        key = checkpoint_key(hashes[k], tokens[k * block_tokens:position], self.storage_fingerprint, salt)
+        (checkpoint,) = self.stack.get_many([key])
+        if checkpoint is None:
+            return len(hashes)
+        pieces, first_missing = self._fetch_runs(hashes, k, fetched)
+        if first_missing < k:
+            return first_missing
+        try:
+            state = self._assemble(pieces, checkpoint.record, position)
+        except ValueError as exc:
+            log.warning("kvcache: checkpoint at %d does not fit its blocks (%s)", position, exc)
+            return len(hashes)
+        result = LookupResult(position, state, checkpoint_tier=checkpoint.tier)
+        for hit, _, num_used in pieces:
+            result.num_blocks_by_tier[hit.tier] = result.num_blocks_by_tier.get(hit.tier, 0) + num_used
+        for hit in [p[0] for p in pieces] + [checkpoint]:
+            result.num_records_by_tier[hit.tier] = result.num_records_by_tier.get(hit.tier, 0) + 1
+            result.num_bytes_by_tier[hit.tier] = result.num_bytes_by_tier.get(hit.tier, 0) + hit.num_bytes
+        return result
+
+    def _run_key(self, hashes: list[bytes], first_block_id: int, num_blocks: int) -> str:
+        end_hash = hashes[first_block_id + num_blocks]
+        return block_key(end_hash) if num_blocks == 1 else span_key(end_hash, num_blocks)
+
+    def _fetch_runs(self, hashes: list[bytes], num_blocks: int, fetched: dict[str, Hit | None]
+                    ) -> tuple[list[tuple[Hit, int, int]], int]:
+        """Records covering blocks ``[0, num_blocks)``: ``([(hit, first block, blocks used)],
+        first missing block)``. A span is used whenever the tokens cover all of it; where it is
+        missing (or ends past the tokens) its blocks come from single-block records. Fetches
+        (each in one `get_many`, head last so it ends most recently used) what `fetched` lacks."""
+        span_blocks = self.config.span_blocks
+        num_known_blocks = len(hashes) - 1
+        span_ids = range(-(-num_blocks // span_blocks))
+        span_keys = {j: self._run_key(hashes, j * span_blocks, span_blocks) for j in span_ids
+                     if (j + 1) * span_blocks <= num_known_blocks}
+        self._fetch([span_keys[j] for j in reversed(span_ids) if j in span_keys], fetched)
+        single_ids = [
+            b for j in span_ids if fetched.get(span_keys.get(j)) is None
+            for b in range(j * span_blocks, min((j + 1) * span_blocks, num_blocks))
+        ]
+        if span_blocks > 1:
+            self._fetch([block_key(hashes[b + 1]) for b in reversed(single_ids)], fetched)
+        pieces: list[tuple[Hit, int, int]] = []
+        block_id = 0
+        while block_id < num_blocks:
+            hit = fetched.get(span_keys.get(block_id // span_blocks)) if block_id % span_blocks == 0 else None
+            if hit is not None:
+                num_used = min(span_blocks, num_blocks - block_id)
+            else:
+                hit, num_used = fetched.get(block_key(hashes[block_id + 1])), 1
+            if hit is None:
+                return pieces, block_id
+            pieces.append((hit, block_id, num_used))
+            block_id += num_used
+        return pieces, num_blocks
+
+    def _fetch(self, keys: list[str], fetched: dict[str, Hit | None]) -> None:
+        keys = [key for key in keys if key not in fetched]
+        if keys:
+            fetched.update(zip(keys, self.stack.get_many(keys)))
+
+    def _assemble(self, pieces: list[tuple[Hit, int, int]], checkpoint: Record, position: int
+                  ) -> dict[str, torch.Tensor]:
+        if checkpoint.kind != "checkpoint" or any(h.record.kind not in ("block", "span") for h, _, _ in pieces):
+            raise ValueError("unexpected record kinds")
+        block_tokens = self.config.block_tokens
+        runs = []
+        for hit, _, num_used in pieces:
+            tensors = fp8.dequantize_tensors(hit.record.tensors)
+            if hit.record.kind == "span":  # keep the blocks the checkpoint needs (rows are per block)
+                tensors = {name: t[:num_used * (block_tokens // self.entry_rates.get(name, block_tokens))]
+                           for name, t in tensors.items()}
+            runs.append(tensors)
+        state = layout.assemble_state(runs, fp8.dequantize_tensors(checkpoint.tensors), self.entry_rates, block_tokens)
+        if layout.state_num_tokens(state) != position:
+            raise ValueError(f"checkpoint holds {layout.state_num_tokens(state)} tokens")
+        return state
+
+    def commit(self, token_ids: Sequence[int] | np.ndarray, states: Mapping[int, State],
+               salt: str | bytes | None = None) -> CommitResult:
+        """Cache the state dicts exported at positions ``states.keys()`` of `token_ids`.
+
+        Never blocks on Redis or disk: the device tier is written now, the others by the
+        background writer (`flush` waits for it).
+        """
+        tokens = token_array(token_ids)
+        positions = sorted(int(p) for p in states)
+        for position in positions:
+            if not 0 < position <= len(tokens):
+                raise ValueError(f"position {position} outside 1..{len(tokens)}")
+            num_tokens = layout.validate_state(states[position], self.entry_rates, self.config.block_tokens)
+            if num_tokens != position:
+                raise ValueError(f"state at position {position} holds {num_tokens} tokens")
+        with self._lock:
+            self._num_commits += 1
+        if not positions:
+            return CommitResult(0, 0, 0, True)
+        block_tokens, span_blocks = self.config.block_tokens, self.config.span_blocks
+        num_blocks = positions[-1] // block_tokens
+        hashes = chain_hashes(tokens, block_tokens, self.storage_fingerprint, salt, num_blocks)
+        runs = [(j * span_blocks, span_blocks) for j in range(num_blocks // span_blocks)]
+        if span_blocks > 1:  # each position's unfinished span, block by block
+            runs += [(b, 1) for b in sorted({
+                b for p in positions for b in range((p // block_tokens) // span_blocks * span_blocks, p // block_tokens)})]
+        keys = [self._run_key(hashes, first, n) for first, n in runs]
+        cached = self.stack.device.get_many(keys)
+        depth_items: list[tuple[int, int, Record]] = []  # (depth, tie-break, record)
+        new_block_ids: set[int] = set()
+        num_new_bytes = 0
+        largest = states[positions[-1]]
+        for (first, n), key, record in zip(runs, keys, cached):
+            if record is None:
+                tensors = layout.range_tensors(largest, self.entry_rates, first, n, block_tokens)
+                record = Record("block" if n == 1 else "span", key, self._encode_tensors(tensors))
+                new_block_ids.update(range(first, first + n))
+                num_new_bytes += record.num_bytes
+            depth_items.append(((first + n) * block_tokens, 0, record))
+        index_offsets: dict[int, set[int]] = {}
+        for position in positions:
+            k = position // block_tokens
+            key = checkpoint_key(hashes[k], tokens[k * block_tokens:position], self.storage_fingerprint, salt)
+            tensors = layout.checkpoint_tensors(states[position], self.entry_rates, block_tokens)
+            record = Record("checkpoint", key, self._encode_tensors(tensors))
+            num_new_bytes += record.num_bytes
+            depth_items.append((position, 1, record))
+            index_offsets.setdefault(k, set()).add(position - k * block_tokens)
+        records = [r for _, _, r in sorted(depth_items, key=lambda x: (-x[0], -x[1]))]
+        records += [index_record(index_key(hashes[k]), found) for k, found in sorted(index_offsets.items())]
+        is_queued = self.stack.put_many(records)
+        return CommitResult(len(new_block_ids), len(positions), num_new_bytes, is_queued)
+
+    def _encode_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if not self.config.is_fp8:
+            return tensors
+        return fp8.quantize_tensors(tensors, self.config.rope_dim, self.config.fp8_suffixes)
+
+    def checkpoint_positions(self, num_prompt_tokens: int, num_tokens: int) -> list[int]:
+        """Where the engine should export state for `commit`: every `checkpoint_tokens`, the end
+        of the prompt and the end of the sequence."""
+        return layout.checkpoint_positions(num_prompt_tokens, num_tokens, self.config.checkpoint_tokens)
+
+    # -- housekeeping -------------------------------------------------------------------------
+
+    def stats(self) -> ServiceStats:
+        with self._lock:
+            return ServiceStats(
+                tiers=self.stack.tier_stats(),
+                num_lookups=self._num_lookups, num_hit_lookups=self._num_hit_lookups,
+                num_lookup_tokens=self._num_lookup_tokens, num_cached_tokens=self._num_cached_tokens,
+                num_commits=self._num_commits,
+                num_pending_write_bytes=self.stack.writer.num_pending_bytes,
+                num_dropped_writes=self.stack.writer.num_dropped,
+                num_failed_writes=self.stack.writer.num_failed,
+            )
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait for the background writes queued so far (tests, shutdown)."""
+        return self.stack.flush(timeout)
+
+    def close(self) -> None:
+        self.stack.close()
+
+    def __enter__(self) -> KVCacheService:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,67 @@
+"""The interface every cache tier implements (device, Redis, disk).
+
+Owns no state. A tier maps string keys to values with a byte budget and exact LRU eviction:
+the device tier stores decoded `Record`s, the lower tiers store record bytes (see record.py).
+Tiers never raise for an unavailable backend: a tier that cannot be reached reports
+``is_available() == False`` and its reads miss and its writes are dropped.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any
+
+
+class Tier(ABC):
+    name: str = "tier"
+    stores_bytes: bool = True  # False for the device tier, which stores Records
+
+    def is_available(self) -> bool:
+        return True
+
+    @abstractmethod
+    def get_many(self, keys: Sequence[str]) -> list[Any | None]:
+        """Values for `keys` (None where absent); hits become most recently used."""
+
+    @abstractmethod
+    def put_many(self, items: Sequence[tuple[str, Any]], *, is_collecting_evicted: bool = False
+                 ) -> list[tuple[str, Any]]:
+        """Store `items` in order (the last one ends most recently used) and evict to budget.
+
+        Items larger than the whole budget are skipped. Returns the evicted ``(key, value)``
+        pairs when `is_collecting_evicted` (so the caller can move them down), else ``[]``.
+        """
+
+    @abstractmethod
+    def contains_many(self, keys: Sequence[str]) -> list[bool]:
+        """Whether each key is stored, without changing the LRU order."""
+
+    @abstractmethod
+    def touch_many(self, keys: Sequence[str]) -> None:
+        """Make the known keys most recently used, in order."""
+
+    @abstractmethod
+    def delete_many(self, keys: Sequence[str]) -> None:
+        """Remove keys (missing keys are ignored)."""
+
+    @abstractmethod
+    def lru_keys(self) -> list[str]:
+        """Keys this process tracks, least to most recently used."""
+
+    @property
+    @abstractmethod
+    def num_bytes(self) -> int:
+        """Bytes currently accounted to this tier."""
+
+    @property
+    @abstractmethod
+    def budget_bytes(self) -> int:
+        """The byte budget."""
+
+    @property
+    def num_records(self) -> int:
+        return len(self.lru_keys())
+
+    def close(self) -> None:
+        """Release resources (connections, files)."""

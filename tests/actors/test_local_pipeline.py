@@ -1,0 +1,60 @@
+"""The router's pipeline and the routing split, with in-process banks (no Ray): fast and exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from actors.placement import check_assignment, owner_table, split_experts
+from actors.router import Router
+from actors.transport import shard_rows
+from actors.transport.local import LocalTransport
+from model_shards.checkpoint import CheckpointReader
+from model_shards.loading import load_dense, load_experts
+
+from conftest import check_decode, check_prefill
+
+
+def make_router(ckpt, assignment, micro_batches):
+    from model_shards import ModelConfig
+    cfg = ModelConfig.from_json(ckpt)
+    reader = CheckpointReader(ckpt)
+    dense = load_dense(cfg, reader, torch.float32, "cpu")
+    banks = [load_experts(cfg, reader, ids, torch.float32, "cpu") for ids in assignment]
+    return Router(dense, LocalTransport(banks, owner_table(assignment, cfg.n_routed_experts)), micro_batches)
+
+
+@pytest.mark.parametrize("assignment", [[[0, 1, 2, 3, 4, 5, 6]], [[0, 1, 2, 3], [4, 5, 6]],
+                                        [[0, 1, 2], [3, 4], [5, 6]], [[6, 0, 3], [1, 4], [2, 5]]])
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_pipeline_matches_single_process(ep_ckpt, ep_ref, assignment, micro_batches):
+    router = make_router(ep_ckpt, assignment, micro_batches)
+    check_prefill(router, ep_ref, seed=1)
+    check_decode(router, ep_ref, num_steps=3, seed=1)
+
+
+def test_micro_batches_partition_the_sequences(ep_ckpt, ep_ref):
+    router = make_router(ep_ckpt, split_experts(7, 2), micro_batches=2)
+    states = [router.new_state() for _ in range(3)]
+    router.step(states, [torch.arange(1, 6), torch.arange(1, 3), torch.arange(1, 4)])
+    assert router.last_timing.num_micro_batches == 2 and router.last_timing.num_tokens == 10
+    assert [s.num_tokens for s in states] == [5, 2, 3]
+
+
+def test_split_and_assignment_rules():
+    assert split_experts(7, 3) == [[0, 1, 2], [3, 4], [5, 6]]
+    assert split_experts(7, 1) == [list(range(7))]
+    with pytest.raises(ValueError):
+        split_experts(7, 8)
+    assert check_assignment([[5, 1], [0, 2, 3, 4, 6]], 7) == [[1, 5], [0, 2, 3, 4, 6]]
+    for bad in ([[0, 1], [1, 2, 3, 4, 5, 6]], [[0, 1], [2, 3]], [[], list(range(7))], [[0, 7], [1, 2, 3, 4, 5, 6]]):
+        with pytest.raises(ValueError):
+            check_assignment(bad, 7)
+    assert owner_table([[2, 0], [1]], 3) == [0, 1, 0]
+
+
+def test_shard_rows_sends_each_token_once_to_each_owner():
+    owner = torch.tensor([0, 0, 1, 1, 2])
+    expert_ids = torch.tensor([[0, 1], [2, 4], [3, 2], [4, 0]])        # [T=4, k=2]
+    rows = shard_rows(expert_ids, owner, 3)
+    assert [r.tolist() for r in rows] == [[0, 3], [1, 2], [1, 3]]
