@@ -84,10 +84,10 @@ class KVServicePrefixCache:
     def build(cls, model_config, fingerprint: str, *, redis_url: str | None, disk_dir: str | None,
               options: dict | None = None) -> "KVServicePrefixCache":
         from kvcache.service import KVCacheService  # lazy: kvcache pulls in pyarrow / redis
-        from model_shards import entry_rates
 
-        service = KVCacheService(entry_rates(model_config), fingerprint, redis_url=redis_url,
-                                 disk_dir=disk_dir, **(options or {}))
+        # for_model_config also sets the FP8 rope width from the model (qk_rope_head_dim)
+        service = KVCacheService.for_model_config(model_config, fingerprint, redis_url=redis_url,
+                                                  disk_dir=disk_dir, **(options or {}))
         return cls(service)
 
     def lookup(self, token_ids, salt, max_tokens) -> PrefixHit:

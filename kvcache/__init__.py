@@ -1,8 +1,15 @@
 """Tiered cache of DeepSeek-V4 compressed KV state: device -> Redis -> Arrow IPC files.
 
-Public API (see service.py): `KVCacheService`, `KVCacheConfig`, `LookupResult`, `CommitResult`,
-`ServiceStats`, `TierStats`, `RecordError`, and `entry_rates` (per-tensor entry rates from the
-per-layer compression rates).
+Public API (see service.py): `KVCacheService` (``KVCacheService.for_model_config(cfg,
+fingerprint, ...)`` builds one for a model config), `KVCacheConfig`, `LookupResult`,
+`CommitResult`, `ServiceStats`, `TierStats`, `RecordError`, and `entry_rates` (per-tensor entry
+rates from the per-layer compression rates).
+
+Modules: service (the API; blocks, span records and checkpoints), layout (how a state dict is cut
+into records), keys (chained prefix hashes), record + checksum (the byte format), hierarchy and
+the tiers (device_tier, redis_tier, disk_tier + segments, lru, writer), fp8 (optional storage
+precision), memory (fresh tensors for restored state), resume (the engine's side of the protocol
+for one in-process model), synthetic and footprint (layouts without a model: tests, benchmarks).
 """
 
 from kvcache.layout import checkpoint_positions, entry_rates

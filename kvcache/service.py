@@ -293,8 +293,8 @@ class KVCacheService:
         hashes = chain_hashes(tokens, block_tokens, self.storage_fingerprint, salt, num_blocks)
         runs = [(j * span_blocks, span_blocks) for j in range(num_blocks // span_blocks)]
         if span_blocks > 1:  # each position's unfinished span, block by block
-            runs += [(b, 1) for b in sorted({
-                b for p in positions for b in range((p // block_tokens) // span_blocks * span_blocks, p // block_tokens)})]
+            ends = [p // block_tokens for p in positions]
+            runs += [(b, 1) for b in sorted({b for end in ends for b in range(end // span_blocks * span_blocks, end)})]
         keys = [self._run_key(hashes, first, n) for first, n in runs]
         cached = self.stack.device.get_many(keys)
         depth_items: list[tuple[int, int, Record]] = []  # (depth, tie-break, record)

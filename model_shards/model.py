@@ -104,17 +104,28 @@ class DeepseekV4(nn.Module):
         return self.mtp[mtp_id](hidden, next_ids.reshape(-1), mtp_state, self.dense.embed, self.dense.head)
 
 
-def checkpoint_fingerprint(path: str) -> str:
-    """Hash of config.json and the safetensors files' names, sizes and headers (cheap, no weight reads)."""
+def checkpoint_fingerprint(path: str, num_samples: int = 16, sample_bytes: int = 1 << 16) -> str:
+    """Identity of a checkpoint for the KV cache: the KV state of two checkpoints may be shared only
+    if this matches. Hashes config.json, and for every safetensors file its name, size, header and
+    `num_samples` evenly spaced `sample_bytes` windows of the tensor data (1 MiB per file by
+    default), so checkpoints that differ only in weight values (a fine-tune) differ here, without
+    reading a 1.6T-parameter checkpoint whole at start-up."""
     h = hashlib.blake2b(digest_size=16)
     with open(os.path.join(path, "config.json"), "rb") as f:
         h.update(json.dumps(json.load(f), sort_keys=True).encode())
     for name in sorted(os.listdir(path)):
-        if name.endswith(".safetensors"):
-            full = os.path.join(path, name)
-            h.update(name.encode())
-            h.update(str(os.path.getsize(full)).encode())
-            with open(full, "rb") as f:
-                header_len = int.from_bytes(f.read(8), "little")
-                h.update(f.read(min(header_len, 1 << 24)))
+        if not name.endswith(".safetensors"):
+            continue
+        full = os.path.join(path, name)
+        size = os.path.getsize(full)
+        h.update(name.encode())
+        h.update(str(size).encode())
+        with open(full, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            h.update(f.read(min(header_len, 1 << 24)))
+            data_start = 8 + header_len
+            data_len = max(size - data_start, 0)
+            for k in range(num_samples):
+                f.seek(data_start + data_len * k // num_samples)
+                h.update(f.read(min(sample_bytes, data_len)))
     return h.hexdigest()

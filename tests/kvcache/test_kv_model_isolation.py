@@ -3,16 +3,18 @@ the right logits); another model (other fingerprint) neither finds the first mod
 uses its records when they sit under its own keys (they are misses, deleted from Redis and disk);
 its logits are always its own cold prefill's."""
 
+from dataclasses import dataclass
+
 import pytest
 import redis
 import torch
 
 from kv_model_helpers import random_tokens, relative_error, service_for
 from kvcache.disk_tier import DiskTier
+from kvcache.hierarchy import index_record
 from kvcache.keys import block_key, chain_hashes, checkpoint_key, index_key, token_array
 from kvcache.record import encode_record
 from kvcache.resume import prefill, prompt_checkpoints, resume
-from kvcache.hierarchy import index_record
 from model_shards import DeepseekV4
 from model_shards.random_checkpoint import generate
 
@@ -32,19 +34,25 @@ def cold_logits(model, tokens):
     return model(tokens[None])[0, -1]
 
 
-class Keys(list):
-    """The checkpoint key at `position` and the two block keys before it, for one fingerprint."""
+@dataclass
+class PrefixKeys:
+    """One fingerprint's keys for a checkpoint at `position` (inside block 2): the checkpoint,
+    the two blocks before it, and block 2's index record."""
 
-    def __init__(self, keys, hashes):
-        super().__init__(keys)
-        self.hashes = hashes
+    checkpoint: str
+    blocks: list[str]
+    index: str
+
+    @property
+    def records(self) -> list[str]:
+        return [self.checkpoint, *self.blocks]
 
 
-def keys_at(prompt, position: int, fingerprint: str) -> Keys:
+def keys_at(prompt, position: int, fingerprint: str) -> PrefixKeys:
     tokens = token_array(prompt.tolist())
     hashes = chain_hashes(tokens, 128, fingerprint, None, 2)
-    return Keys([checkpoint_key(hashes[2], tokens[256:position], fingerprint, None),
-                 block_key(hashes[1]), block_key(hashes[2])], hashes)
+    return PrefixKeys(checkpoint_key(hashes[2], tokens[256:position], fingerprint, None),
+                      [block_key(hashes[1]), block_key(hashes[2])], index_key(hashes[2]))
 
 
 def commit_prompt(model, svc, prompt, salt=None):
@@ -84,11 +92,11 @@ def test_another_models_prefixes_and_records_are_misses(tiny_model, other_model,
     position = NUM_PROMPT_TOKENS - 1
     ours, theirs = (keys_at(prompt, position, model.fingerprint) for model in (tiny_model, other_model))
     client = redis.Redis.from_url(redis_url)
-    values = [client.get(redis_prefix + key) for key in ours]  # the first model's records
+    values = [client.get(redis_prefix + key) for key in ours.records]  # the first model's records
     assert all(value is not None for value in values)
-    index = bytes(encode_record(index_record(index_key(theirs.hashes[2]), [position - 256]), other_model.fingerprint))
+    index = bytes(encode_record(index_record(theirs.index, [position - 256]), other_model.fingerprint))
     disk = DiskTier(tmp_path, budget_bytes=1 << 30)
-    items = list(zip(theirs, values)) + [(index_key(theirs.hashes[2]), index)]
+    items = list(zip(theirs.records, values)) + [(theirs.index, index)]
     for key, value in items:
         client.set(redis_prefix + key, value)
     disk.put_many(items)
@@ -100,15 +108,12 @@ def test_another_models_prefixes_and_records_are_misses(tiny_model, other_model,
             svc.flush()
             tier = next(iter(store)).split("_")[0]
             assert svc.stats().tiers[tier].num_corrupt == 1  # the checkpoint; the blocks are never read
-            assert svc.stack.tiers[1].contains_many(theirs[:1]) == [False]
-    assert client.exists(redis_prefix + theirs[0]) == 0
-    assert DiskTier(tmp_path, budget_bytes=1 << 30).contains_many(theirs[:1]) == [False]
+            assert svc.stack.tiers[1].contains_many([theirs.checkpoint]) == [False]
+    assert client.exists(redis_prefix + theirs.checkpoint) == 0
+    assert DiskTier(tmp_path, budget_bytes=1 << 30).contains_many([theirs.checkpoint]) == [False]
     client.close()
 
 
-@pytest.mark.xfail(strict=True, reason="model_shards.checkpoint_fingerprint hashes config.json and the "
-                   "safetensors headers, not the weights: two checkpoints that differ only in weight "
-                   "values share a fingerprint, so the cache would serve one model's state to the other")
 def test_other_weights_alone_change_the_fingerprint(tiny_model, tmp_path):
     generate(str(tmp_path), "tiny", "hf", "none", seed=1)
     assert DeepseekV4.from_pretrained(str(tmp_path)).fingerprint != tiny_model.fingerprint

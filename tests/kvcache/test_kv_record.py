@@ -56,7 +56,8 @@ def test_rowcol64_detects_every_change_of_up_to_three_words(num_words):
         changed = words.copy()
         positions = rng.choice(num_words, size=min(num_words, 1 + trial % 3), replace=False)
         for position in positions:  # single bit flips, and arbitrary new words
-            changed[position] ^= np.uint64(1) << np.uint64(trial % 64) if trial % 2 else rng.integers(1, 2**63, dtype=np.uint64)
+            flip = np.uint64(1) << np.uint64(trial % 64)
+            changed[position] ^= flip if trial % 2 else rng.integers(1, 2**63, dtype=np.uint64)
         assert checksum.compute("rowcol64", b"h", memoryview(changed.view(np.uint8))) != reference
     width = checksum.row_words(num_words)
     assert width >= checksum.MIN_ROW_WORDS and width * width >= num_words
