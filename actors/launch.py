@@ -122,11 +122,10 @@ class EPRunner:
     def use_transport(self, name: str) -> None:
         if name not in self.transports:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {name!r}")
-        with self.router._lock:
-            if name == "collective" and self.router.transport is not self.transports[name]:
-                # shards may have restarted while another transport ran: reconnect all on next step
-                self.transports[name].is_broken = True
-            self.router.transport = self.transports[name]
+        new = self.transports[name]
+        if name == "collective" and self.router.transport is not new:
+            new.is_broken = True   # shards may have restarted under the other transport: reconnect all
+        self.router.set_transport(new)
 
     @property
     def last_timing(self) -> StepTiming:

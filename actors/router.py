@@ -47,6 +47,10 @@ class Router:
         self._step_id = 0
         self._lock = threading.Lock()
 
+    def set_transport(self, transport: Transport) -> None:
+        with self._lock:  # never in the middle of a step
+            self.transport = transport
+
     def new_state(self) -> SequenceState:
         return self.dense.new_state()
 

@@ -13,6 +13,8 @@ Calls (all typed, actors/messages.py):
     run_step(StepPlan) -> StepReport  collective transport: the step's only Ray call; loops on the
                                       group for layers x micro-batches messages
     compute(LayerRequest) -> LayerResult   Ray transport: one layer's share per call
+    debug_fail_computes(n)            test hook: the next n expert computations raise
+Helpers for the router side: wait_ready() (retries while Ray restarts an actor), shards_alive().
 Restarts: Ray restarts the actor (max_restarts) with the same ShardSpec, so a restart reloads
 the same experts; the router then rebuilds the group.
 """

@@ -2,6 +2,8 @@
 
     python benchmarks/ep_gpu.py [--shards N] [--preset medium] [--checkpoint DIR] [--no-append]
     python benchmarks/ep_gpu.py --cpu            # smoke run: tiny sizes, CPU + gloo, bf16
+    --out FILE (default: $OUT/ep_gpu.json when $OUT is set) also writes the JSON result there;
+    progress lines go to stderr as each measurement finishes (partial results survive a timeout).
 
 Measures, for the `medium` preset (bf16, random weights):
 - decode step time at batch 1 / 64 / 256 (each sequence with --context tokens of history), with
@@ -30,18 +32,18 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benchmarks.common import append_results  # noqa: E402
+from benchmarks.common import append_results, machine  # noqa: E402
 
 
 class Bench:
     """Runs inside the router's actor: launch() there, then time steps."""
 
-    def __init__(self, path: str, num_shards: int, dtype: str, is_gpu: bool):
+    def __init__(self, path: str, num_shards: int, dtype: str, is_gpu: bool, transport: str = "collective"):
         from actors.launch import launch
         self.dtype = getattr(torch, dtype)
         self.is_gpu = is_gpu
         self.runner = launch(path, num_expert_shards=num_shards, dtype=self.dtype,
-                             device="cuda" if is_gpu else "cpu", transport="collective")
+                             device="cuda" if is_gpu else "cpu", transport=transport)
         self.cfg = self.runner.config
 
     def _sync(self) -> None:
@@ -78,7 +80,9 @@ class Bench:
         self._prefill(states, self._prompts(batch, context, batch), max_prefill)
         gen = torch.Generator().manual_seed(1)
         times, dense, wait, shard_compute = [], [], [], []
+        transport = r.router.transport
         for i in range(steps + 1):
+            compute0 = getattr(transport, "compute_s", 0.0)
             tokens = [torch.randint(0, self.cfg.vocab_size, (1,), generator=gen) for _ in range(batch)]
             self._sync()
             t0 = time.perf_counter()
@@ -88,8 +92,10 @@ class Bench:
                 times.append(time.perf_counter() - t0)
                 dense.append(r.last_timing.dense_s)
                 wait.append(r.last_timing.wait_s)
-                reports = r.router.transport.step_reports()
-                shard_compute.append(max(rep.compute_s for rep in reports))
+                if hasattr(transport, "step_reports"):   # collective: the shards' StepReports
+                    shard_compute.append(max(rep.compute_s for rep in transport.step_reports()))
+                else:                                    # ray: slowest shard per layer, summed
+                    shard_compute.append(transport.compute_s - compute0)
         kv_bytes = sum(s.num_bytes() for s in states)
         return {"step_ms": _ms(times), "router_dense_ms": _ms(dense), "router_wait_ms": _ms(wait),
                 "shard_compute_ms": _ms(shard_compute), "kv_bytes": kv_bytes}
@@ -129,6 +135,17 @@ class Bench:
         self.runner.shutdown()
 
 
+def _progress(t_start: float, msg: str) -> None:
+    print(f"[ep_gpu {time.perf_counter() - t_start:7.1f} s] {msg}", file=sys.stderr, flush=True)
+
+
+def _write(path: str | None, result: dict) -> None:
+    if path:
+        import json
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)
+
+
 def _ms(xs: list[float]) -> float:
     return round(statistics.median(xs) * 1e3, 3) if xs else 0.0
 
@@ -144,6 +161,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--prefill-tokens", type=int, default=None)
     p.add_argument("--prefill-seqs", type=int, default=4)
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--prefill-repeats", type=int, default=2, help="timed prefill steps per setting (best kept)")
+    p.add_argument("--no-overlap-decode", action="store_true", help="decode with micro_batches=1 only")
+    p.add_argument("--transport", default="collective", choices=("collective", "ray"))
+    p.add_argument("--share-gpu", action="store_true",
+                   help="router + shards on ONE GPU (Ray told it has shards + 1 GPUs, CUDA_VISIBLE_DEVICES left "
+                        "alone). NCCL refuses two ranks on one GPU, so this needs --transport ray; a code-path "
+                        "check for 1-GPU machines, not an EP measurement")
+    p.add_argument("--out", default=None, help="also write the JSON here (default: $OUT/ep_gpu.json if $OUT)")
     p.add_argument("--address", default="local", help="Ray address: local (a fresh instance) or auto")
     p.add_argument("--no-append", action="store_true")
     args = p.parse_args(argv)
@@ -159,34 +184,59 @@ def main(argv: list[str] | None = None) -> dict:
     import ray
     from model_shards.random_checkpoint import generate
 
+    out_path = args.out or (os.path.join(os.environ["OUT"], f"ep_gpu{'_cpu' if is_smoke else ''}.json")
+                            if os.environ.get("OUT") else None)
+    t_start = time.perf_counter()
     path = args.checkpoint
     if path is None:
         path = tempfile.mkdtemp(prefix="ep_gpu_")
+    if not os.path.exists(os.path.join(path, "config.json")):   # --checkpoint DIR: generated once, then reused
         generate(path, preset, seed=0, dtype=torch.bfloat16, with_mtp=False)
-    ray.init(address=args.address, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": ROOT}}, **({"num_cpus": 4} if is_smoke and args.address == "local" else {}))
+        _progress(t_start, f"checkpoint {preset} generated in {path}")
+    # Ray workers inherit this process's environment; name the NCCL settings that must stay put
+    # (NVLink multicast off on shared hosts) explicitly anyway, so they reach every actor.
+    if args.share_gpu:
+        if args.transport != "ray" or is_smoke:
+            raise SystemExit("--share-gpu needs --transport ray (NCCL: one rank per GPU) and a GPU")
+        os.environ["RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"] = "1"
+    env = {"PYTHONPATH": ROOT}
+    env.update({k: os.environ[k] for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST",
+                                            "NVSHMEM_DISABLE_NVLS", "NCCL_DEBUG",
+                                            "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES") if k in os.environ})
+    ray.init(address=args.address, include_dashboard=False, log_to_driver=not is_smoke,
+             runtime_env={"env_vars": env}, **({"num_cpus": 4} if is_smoke and args.address == "local" else {}),
+             **({"num_gpus": (args.shards or 1) + 1} if args.share_gpu else {}))
     num_gpus = int(ray.cluster_resources().get("GPU", 0))
     is_gpu = not is_smoke
     if is_gpu and num_gpus < 2:
         raise SystemExit(f"needs >= 2 GPUs (router + 1 shard); this cluster has {num_gpus}. Use --cpu for a smoke run.")
     num_shards = args.shards or (2 if is_smoke else num_gpus - 1)
-    actor = ray.remote(num_gpus=1 if is_gpu else 0, num_cpus=1)(Bench).remote(path, num_shards, dtype, is_gpu)
+    actor = ray.remote(num_gpus=1 if is_gpu else 0, num_cpus=1)(Bench).remote(path, num_shards, dtype, is_gpu,
+                                                                                     args.transport)
     result: dict = {"preset": preset, "dtype": dtype, "num_shards": num_shards, "device": "cuda" if is_gpu else "cpu",
-                    "context": context, "load_avg_1m_at_start": round(os.getloadavg()[0], 2), "decode": {}, "prefill": {}}
+                    "transport": args.transport, "shared_gpu": args.share_gpu,
+                    "context": context, "machine": machine(), "load_avg_1m_at_start": round(os.getloadavg()[0], 2), "decode": {}, "prefill": {}}
+    _progress(t_start, f"router actor started ({num_shards} shards, launching)")
     try:
         gbps = ray.get(actor.copy_gbps.remote())
         result["copy_gbps"] = round(gbps, 1)
+        _progress(t_start, f"launched; copy bandwidth {gbps:.1f} GB/s (read + write)")
+        _write(out_path, result)
         for b in batches:
             row = {}
-            for mb in ((1, 2) if b > 1 else (1,)):
+            for mb in ((1, 2) if b > 1 and not args.no_overlap_decode else (1,)):
                 d = ray.get(actor.decode.remote(b, context, steps, mb, prefill_tokens))
                 fb = ray.get(actor.floor_bytes.remote(b))
                 floor_ms = (fb["router_weight_bytes"] + d["kv_bytes"] + fb["busiest_shard_expert_bytes"]) / (gbps * 1e9) * 1e3
                 d.update(fb, floor_ms=round(floor_ms, 3), x_floor=round(d["step_ms"] / floor_ms, 2))
                 row[f"micro_batches_{mb}"] = d
-            result["decode"][f"batch_{b}"] = row
-        off = ray.get(actor.prefill.remote(args.prefill_seqs, prefill_tokens, 1, 2))
-        on = ray.get(actor.prefill.remote(args.prefill_seqs, prefill_tokens, 2, 2))
+                result["decode"][f"batch_{b}"] = row
+                _progress(t_start, f"decode batch {b} micro_batches {mb}: {d}")
+                _write(out_path, result)
+        off = ray.get(actor.prefill.remote(args.prefill_seqs, prefill_tokens, 1, args.prefill_repeats))
+        _progress(t_start, f"prefill overlap off: {off}")
+        on = ray.get(actor.prefill.remote(args.prefill_seqs, prefill_tokens, 2, args.prefill_repeats))
+        _progress(t_start, f"prefill overlap on: {on}")
         result["prefill"] = {"overlap_off": off, "overlap_on": on,
                              "overlap_speedup": round(on["tok_per_s"] / off["tok_per_s"], 3)}
     finally:
@@ -197,6 +247,8 @@ def main(argv: list[str] | None = None) -> dict:
     b64 = result["decode"].get("batch_64", {}).get("micro_batches_1")
     result["targets"] = {"prefill_overlap_ge_1.2x": result["prefill"]["overlap_speedup"] >= 1.2,
                          "decode_b64_within_3x_floor": None if b64 is None else b64["x_floor"] <= 3.0}
+    result["wall_s"] = round(time.perf_counter() - t_start, 1)
+    _write(out_path, result)
     if args.no_append or is_smoke:
         import json
         print(json.dumps(result, indent=2))

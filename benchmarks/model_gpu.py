@@ -1,6 +1,8 @@
 """The model on a GPU: CUDA logits equal CPU logits (fp32), and bf16 prefill / decode speed.
 
-    python benchmarks/model_gpu.py [--preset small] [--no-append]
+    python benchmarks/model_gpu.py [--preset small] [--no-append] [--out FILE]
+
+--out FILE (default: $OUT/model_gpu.json when $OUT is set) also writes the JSON result there.
 
 Checks that model_shards runs unchanged on CUDA (the same code that CI runs on CPU) and reports
 prefill tokens/s at 8K and decode step time at batch 1 / 64 for one process holding every expert.
@@ -17,7 +19,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import append_results  # noqa: E402
+from benchmarks.common import append_results, machine  # noqa: E402
 from model_shards import DeepseekV4  # noqa: E402
 from model_shards.random_checkpoint import generate  # noqa: E402
 
@@ -32,18 +34,33 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--preset", default="small")
     p.add_argument("--prefill", type=int, default=8192)
+    p.add_argument("--batches", default="1,64", help="decode batch sizes")
+    p.add_argument("--no-parity", action="store_true",
+                   help="skip the fp32 CUDA-vs-CPU check and write the checkpoint in bf16 (large presets)")
+    p.add_argument("--checkpoint", default=None, help="reuse this checkpoint directory (generated there if absent)")
     p.add_argument("--no-append", action="store_true")
+    p.add_argument("--out", default=None, help="also write the JSON here (default: $OUT/model_gpu.json if $OUT)")
     args = p.parse_args()
+    out_path = args.out or (os.path.join(os.environ["OUT"], "model_gpu.json") if os.environ.get("OUT") else None)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    result: dict = {"preset": args.preset, "device": device}
+    result: dict = {"preset": args.preset, "device": device, "machine": machine()}
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = generate(tmp, args.preset, "hf", "none", seed=0)
-        ids = torch.randint(0, cfg.vocab_size, (1, 300), generator=torch.Generator().manual_seed(0))
-        cpu = DeepseekV4.from_pretrained(tmp)(ids)
-        gpu32 = DeepseekV4.from_pretrained(tmp, device=device)
-        err = ((gpu32(ids.to(device)).cpu() - cpu).abs().max() / cpu.abs().max()).item()
-        result["fp32_rel_err_vs_cpu"] = err
-        del gpu32
+        if args.checkpoint:
+            tmp = args.checkpoint
+        if os.path.exists(os.path.join(tmp, "config.json")):
+            from model_shards import ModelConfig
+            cfg = ModelConfig.from_json(tmp)
+        else:
+            cfg = generate(tmp, args.preset, "hf", "none", seed=0,
+                           **({"dtype": torch.bfloat16, "with_mtp": False} if args.no_parity else {}))
+        if not args.no_parity:
+            ids = torch.randint(0, cfg.vocab_size, (1, 300), generator=torch.Generator().manual_seed(0))
+            cpu = DeepseekV4.from_pretrained(tmp)(ids)
+            gpu32 = DeepseekV4.from_pretrained(tmp, device=device)
+            err = ((gpu32(ids.to(device)).cpu() - cpu).abs().max() / cpu.abs().max()).item()
+            result["fp32_rel_err_vs_cpu"] = err
+            del gpu32
+            print(f"fp32 CUDA vs CPU max rel err {err:.3g}", flush=True)
         model = DeepseekV4.from_pretrained(tmp, dtype=torch.bfloat16, device=device)
         prompt = torch.randint(0, cfg.vocab_size, (args.prefill,), device=device)
         model(prompt[:512].unsqueeze(0))
@@ -54,7 +71,8 @@ def main() -> None:
             model.step([state], [prompt[i: i + 2048]], all_logits=False)
         sync()
         result["prefill_tok_s"] = round(args.prefill / (time.perf_counter() - t0), 1)
-        for batch in (1, 64):
+        print(f"prefill {result['prefill_tok_s']} tok/s", flush=True)
+        for batch in (int(b) for b in args.batches.split(",")):
             states = [model.new_state() for _ in range(batch)]
             model.step(states, [prompt[:256] for _ in range(batch)], all_logits=False)
             toks = [prompt[:1] for _ in range(batch)]
@@ -66,6 +84,12 @@ def main() -> None:
                 model.step(states, toks, all_logits=False)
             sync()
             result[f"decode_b{batch}_step_ms"] = round((time.perf_counter() - t0) / 10 * 1e3, 2)
+            print(f"decode batch {batch}: {result[f'decode_b{batch}_step_ms']} ms/step", flush=True)
+            del states
+    if out_path:
+        import json
+        with open(out_path, "w") as f:
+            json.dump(result, f, indent=2)
     if args.no_append:
         import json
         print(json.dumps(result, indent=2))

@@ -57,18 +57,3 @@ class DeviceTier(Tier):
                 self._records.pop(key, None)
                 self._lru.remove(key)
 
-    def lru_keys(self) -> list[str]:
-        with self._lock:
-            return self._lru.keys()
-
-    @property
-    def num_bytes(self) -> int:
-        return self._lru.num_bytes
-
-    @property
-    def num_records(self) -> int:
-        return len(self._lru)
-
-    @property
-    def budget_bytes(self) -> int:
-        return self._lru.budget_bytes

@@ -257,21 +257,6 @@ class DiskTier(Tier):
             for key in keys:
                 self._unlink_key(key, is_rewrite_due=True)
 
-    def lru_keys(self) -> list[str]:
-        with self._lock:
-            return self._lru.keys()
-
-    @property
-    def num_bytes(self) -> int:
-        return self._lru.num_bytes
-
-    @property
-    def num_records(self) -> int:
-        return len(self._lru)
-
-    @property
-    def budget_bytes(self) -> int:
-        return self._lru.budget_bytes
 
     @property
     def num_file_bytes(self) -> int:

@@ -207,21 +207,6 @@ class RedisTier(Tier):
         if keys:
             self._run(lambda: self._client.delete(*[self.prefix + key for key in keys]), 0, "delete")
 
-    def lru_keys(self) -> list[str]:
-        with self._lock:
-            return self._lru.keys()
-
-    @property
-    def num_bytes(self) -> int:
-        return self._lru.num_bytes
-
-    @property
-    def num_records(self) -> int:
-        return len(self._lru)
-
-    @property
-    def budget_bytes(self) -> int:
-        return self._lru.budget_bytes
 
     def close(self) -> None:
         self._is_closed.set()

@@ -45,23 +45,25 @@ class Tier(ABC):
     def delete_many(self, keys: Sequence[str]) -> None:
         """Remove keys (missing keys are ignored)."""
 
-    @abstractmethod
+    # Every tier accounts its records in an exact LRU index (`self._lru`, guarded by `self._lock`).
     def lru_keys(self) -> list[str]:
         """Keys this process tracks, least to most recently used."""
+        with self._lock:
+            return self._lru.keys()
 
     @property
-    @abstractmethod
     def num_bytes(self) -> int:
         """Bytes currently accounted to this tier."""
+        return self._lru.num_bytes
 
     @property
-    @abstractmethod
     def budget_bytes(self) -> int:
         """The byte budget."""
+        return self._lru.budget_bytes
 
     @property
     def num_records(self) -> int:
-        return len(self.lru_keys())
+        return len(self._lru)
 
     def close(self) -> None:
         """Release resources (connections, files)."""

@@ -113,10 +113,9 @@ class Attention(nn.Module):
         W, S, w = self.window, q.shape[0], st.window.shape[0]
         keys = torch.cat([st.window, kv])                                        # [w+S, D], positions p0-w..
         st.window = keys[-(W - 1):].clone() if W > 1 else keys[:0].clone()
-        entries = visible = None
+        entries = None
         if self.compressor is not None and st.comp.num_entries:
             entries = st.comp.entries                                            # [N, D]
-            visible = self._visible(positions, entries.shape[0], st, idx_q, idx_w)  # [S, N]
         out = torch.empty_like(q)
         for b0 in range(0, S, self.QUERY_BLOCK):
             b1 = min(S, b0 + self.QUERY_BLOCK)
@@ -124,8 +123,13 @@ class Attention(nn.Module):
             k_pos = positions[0] - w + torch.arange(k0, w + b1, device=kv.device)
             dist = positions[b0:b1, None] - k_pos[None, :]                       # [s, kw]
             win_ok = (dist >= 0) & (dist < W)
+            visible = None
+            if entries is not None:  # per block: the indexer's scores are [s, n_I, N] while computed
+                visible = self._visible(positions[b0:b1], entries.shape[0], st,
+                                        None if idx_q is None else idx_q[b0:b1],
+                                        None if idx_w is None else idx_w[b0:b1])  # [s, N]
             out[b0:b1] = self._attend(q[b0:b1].transpose(0, 1), keys[k0: w + b1], win_ok,
-                                      entries, None if visible is None else visible[b0:b1]).transpose(0, 1)
+                                      entries, visible).transpose(0, 1)
         return out
 
     def _attend(self, q, keys, key_ok, entries, entry_ok) -> torch.Tensor:

@@ -87,6 +87,7 @@ class ExpertBank(nn.Module):
         self.w13 = nn.ParameterList([nn.Parameter(make(E, 2 * I, Dm), requires_grad=False) for _ in range(cfg.num_layers)])
         self.w2t = nn.ParameterList([nn.Parameter(make(E, I, Dm), requires_grad=False) for _ in range(cfg.num_layers)])
         self.dense_threshold = 0.5  # fraction of held experts hit above which the dense path runs
+        self.dense_max_tokens = 8   # ... and only up to this many tokens
 
     @property
     def num_bytes(self) -> int:
@@ -103,7 +104,9 @@ class ExpertBank(nn.Module):
         if held.numel() == 0:
             return torch.zeros_like(x)
         num_hit = int(torch.unique(flat_local[held]).numel())
-        if self.cfg.swiglu_limit > 0 and num_hit >= self.dense_threshold * len(self.expert_ids):
+        # dense only for small batches: its extra work grows with T x E, the grouped path's with pairs
+        if (self.cfg.swiglu_limit > 0 and x.shape[0] <= self.dense_max_tokens
+                and num_hit >= self.dense_threshold * len(self.expert_ids)):
             return self._dense(layer_id, x, local, weights)
         return self._grouped(layer_id, x, flat_local, held, weights, expert_ids.shape[1])
 

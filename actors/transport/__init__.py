@@ -49,6 +49,22 @@ class Transport(Protocol):
     def close(self) -> None: ...
 
 
+class StatelessStepMixin:
+    """Step hooks for transports that keep no per-step state (every call completes in place)."""
+
+    def end_step(self) -> None:
+        pass
+
+    def abort_step(self, exc: BaseException) -> BaseException:
+        return exc
+
+    def step_error(self) -> BaseException | None:
+        return None   # a shard's exception was already raised in combine()
+
+    def close(self) -> None:
+        pass
+
+
 def shard_rows(expert_ids: torch.Tensor, owner: torch.Tensor, num_shards: int) -> list[torch.Tensor]:
     """Token rows each shard must see: expert_ids [T, k], owner [E] (expert -> shard) -> [n_s] int64
     per shard, ascending. A token goes to a shard once, however many of its k experts live there;

@@ -13,7 +13,10 @@ milliseconds (gloo "Connection closed by peer"); a hung one raises after `timeou
 then sends ABORT to the other shards (so their run_step returns), marks the group broken and
 raises ShardError. The next step's ensure_ready() waits for the old run_step calls (killing a
 stuck shard, which Ray restarts), waits until every shard answers ready() (a restarted one has
-reloaded its experts by then), and builds generation g+1 on a new store port.
+reloaded its experts by then), and builds generation g+1 on a new store port. A router-side
+exception inside a step takes the same path (ABORT, rebuild), so the shards never wait on a step
+the router left. A shard whose compute raises keeps the lockstep (answers NaN rows) and re-raises
+at the end of its plan; the router sees non-finite logits and raises that error (step_error()).
 """
 
 from __future__ import annotations

@@ -10,10 +10,10 @@ import torch
 
 from model_shards import ExpertBank
 
-from . import shard_rows
+from . import StatelessStepMixin, shard_rows
 
 
-class LocalTransport:
+class LocalTransport(StatelessStepMixin):
     name = "local"
 
     def __init__(self, banks: list[ExpertBank], owner: list[int]):
@@ -38,15 +38,3 @@ class LocalTransport:
                 out = part.new_zeros(num_tokens, part.shape[1])
             out.index_add_(0, rows, part)
         return out
-
-    def end_step(self) -> None:
-        pass
-
-    def abort_step(self, exc: BaseException) -> BaseException:
-        return exc
-
-    def step_error(self) -> BaseException | None:
-        return None   # a shard's exception already raised in combine()
-
-    def close(self) -> None:
-        pass

@@ -15,10 +15,10 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from ..messages import LayerRequest, ShardError
 from ..shard import wait_ready
-from . import shard_rows
+from . import StatelessStepMixin, shard_rows
 
 
-class RayTransport:
+class RayTransport(StatelessStepMixin):
     name = "ray"
 
     def __init__(self, shards: list, owner: list[int], hidden: int, dtype: torch.dtype, device: torch.device,
@@ -65,15 +65,3 @@ class RayTransport:
             slowest = max(slowest, result.compute_s)
         self.compute_s += slowest
         return out
-
-    def end_step(self) -> None:
-        pass
-
-    def abort_step(self, exc: BaseException) -> BaseException:
-        return exc
-
-    def step_error(self) -> BaseException | None:
-        return None   # a shard's exception already raised in combine()
-
-    def close(self) -> None:
-        pass

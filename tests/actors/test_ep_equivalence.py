@@ -55,6 +55,21 @@ def test_custom_assignment_and_errors(ray_cluster, ep_ckpt, ep_ref):
         with pytest.raises(ValueError, match="token id"):   # refused before any shard is involved
             runner.step([runner.new_state()], [torch.tensor([1, 10_000])])
         check_decode(runner, ep_ref, num_steps=3, seed=1)    # the group is still in step
+        dense = runner.router.dense                          # the router raises mid-step (layer 2): the
+        calls = []                                           # shards are told to stop, the group is rebuilt
+
+        def failing_shared_expert(work):
+            calls.append(work.layer_id)
+            if work.layer_id == 2:
+                raise KeyboardInterrupt("router interrupted")
+            return type(dense).shared_expert(dense, work)
+
+        dense.shared_expert = failing_shared_expert
+        with pytest.raises(KeyboardInterrupt):
+            runner.forward(torch.arange(1, 9).unsqueeze(0))
+        del dense.shared_expert
+        assert 2 in calls
+        check_decode(runner, ep_ref, num_steps=3, seed=1)
         for transport in ("collective", "ray"):              # a shard's compute raises: fast, clear error
             runner.use_transport(transport)
             ray.get(runner.shards[1].debug_fail_computes.remote(1))
