@@ -199,7 +199,9 @@ def main(argv: list[str] | None = None) -> dict:
         if args.transport != "ray" or is_smoke:
             raise SystemExit("--share-gpu needs --transport ray (NCCL: one rank per GPU) and a GPU")
         os.environ["RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"] = "1"
-    env = {"PYTHONPATH": ROOT}
+    # keep the inherited PYTHONPATH: where Ray itself comes from PYTHONPATH (a carried bundle), a
+    # worker started with PYTHONPATH=ROOT alone dies on `import ray` and the actors never start
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)}
     env.update({k: os.environ[k] for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST",
                                             "NVSHMEM_DISABLE_NVLS", "NCCL_DEBUG",
                                             "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES") if k in os.environ})

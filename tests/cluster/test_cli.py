@@ -111,3 +111,22 @@ def test_readme_quickstart_in_a_fresh_venv(tmp_path):
     while time.time() < deadline and (started & _ray_redis_pids()):
         time.sleep(0.5)
     assert not (started & _ray_redis_pids()), "processes left running after Ctrl-C"
+
+
+def test_dsv4_chat_streams_and_toggles_thinking(main_app):
+    """`dsv4 chat` against the session's app: a turn with thinking on (reasoning shown dimmed), the
+    /think off switch, a second turn, then EOF ends it with exit code 0."""
+    script = "hello\n/think off\nagain\n/quit\n"
+    r = subprocess.run([sys.executable, "-m", "cluster.cli", "chat", "--url", main_app.url, "--api-key",
+                        main_app.api_key, "--max-tokens", "6"], input=script, capture_output=True, text=True,
+                       cwd=ROOT, timeout=180)
+    assert r.returncode == 0, r.stderr
+    assert "thinking off" in r.stdout and "Traceback" not in r.stderr
+    assert r.stdout.count("> ") >= 3                           # three prompts were shown
+    assert "\x1b[2m" in r.stdout                                # first turn streamed reasoning, dimmed
+
+
+def test_dsv4_chat_reports_server_errors_in_one_line(main_app):
+    r = subprocess.run([sys.executable, "-m", "cluster.cli", "chat", "--url", main_app.url, "--api-key", "wrong"],
+                       input="hello\n", capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and "dsv4: error:" in r.stderr and "Traceback" not in r.stderr
