@@ -74,6 +74,8 @@ sys.path.insert(0, {root!r})
 from model_shards import DeepseekV4
 def status_kb(key):  # VmHWM is this process's own peak (ru_maxrss can carry the parent's across exec)
     return int(open('/proc/self/status').read().split(key + ':')[1].split()[0])
+# warm torch's runtime (thread pool, allocator, BLAS) so that only loading is measured
+(torch.ones(256, 256) @ torch.ones(256, 256)).sum().item()
 before = status_kb('VmRSS')
 m = DeepseekV4.from_pretrained({path!r})
 peak = status_kb('VmHWM')

@@ -37,7 +37,7 @@ def _assign(module: nn.Module, reader: CheckpointReader, names: dict[str, str], 
             raise CheckpointError(f"{ref.file}: tensor {ref.key!r} has shape {tuple(t.shape)}, "
                                   f"expected {tuple(param.shape)}")
         loaded[key] = t.to(device=device, dtype=param.dtype if not param.dtype.is_floating_point else dtype)
-        if len(loaded) % 64 == 0:
+        if len(loaded) % 16 == 0:
             reader.release()
     reader.release()
     module.load_state_dict(loaded, strict=True, assign=True)
