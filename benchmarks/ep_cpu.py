@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
     thin = tempfile.mkdtemp(prefix="ep_cpu_thin_")
     generate(thin, args.preset, seed=0, with_mtp=False, moe_intermediate_size=8)
     ray.init(address="local", num_cpus=max(4, args.shards + 2), include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(
+                 p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)}})
     # Router + shards share the cores: the router gets one torch thread (a second one would spin
     # against the shards' processes); the single-process model gets them all.
     cores = os.cpu_count() or 1

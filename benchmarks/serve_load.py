@@ -231,7 +231,8 @@ def main(argv=None) -> int:
         s.bind(("127.0.0.1", 0))
         args.port = s.getsockname()[1]
     ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(
+                 p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)}})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
         result = {"benchmark": "serve_load", "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine(),
