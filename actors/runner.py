@@ -41,8 +41,9 @@ class LocalRunner:
         self.fingerprint = model.fingerprint
 
     @classmethod
-    def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> "LocalRunner":
-        return cls(DeepseekV4.from_pretrained(path, dtype=dtype, device=device))
+    def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                        progress=None) -> "LocalRunner":
+        return cls(DeepseekV4.from_pretrained(path, dtype=dtype, device=device, progress=progress))
 
     def new_state(self) -> SequenceState:
         return self.model.new_state()

@@ -116,13 +116,34 @@ def _serve_config(args):
         raise CliError(str(e)) from None
 
 
-def _wait_healthy(url: str, timeout_s: float) -> None:
+def _wait_healthy(url: str, timeout_s: float, progress_base: str | None = None, num_replicas: int = 1,
+                  show: bool = True) -> None:
+    """Poll /health; meanwhile draw the replicas' weight-loading progress (bytes) as one bar."""
+    from tqdm import tqdm
+
     deadline = time.time() + timeout_s
     last = ""
+    bar = None
     while time.time() < deadline:
+        if progress_base and show:
+            done = total = 0
+            for k in range(num_replicas):
+                try:
+                    with open(f"{progress_base}.{k}") as f:
+                        p = json.load(f)
+                    done, total = done + p["done"], total + p["total"]
+                except (OSError, ValueError, KeyError):
+                    pass
+            if total:
+                if bar is None:
+                    bar = tqdm(total=total, desc="loading weights", unit="B", unit_scale=True)
+                bar.update(done - bar.n)
         try:
-            with urllib.request.urlopen(url + "/health", timeout=5) as r:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
                 if r.status == 200:
+                    if bar is not None:
+                        bar.update(bar.total - bar.n)
+                        bar.close()
                     return
         except urllib.error.HTTPError as e:
             last = f"HTTP {e.code}"
@@ -153,6 +174,8 @@ def cmd_serve(args) -> int:
     stopping = {"flag": False}
 
     def cleanup() -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut the cleanup short
+            signal.signal(signum, signal.SIG_IGN)
         for action in reversed(started):
             try:
                 action()
@@ -183,21 +206,27 @@ def cmd_serve(args) -> int:
         from ray import serve
 
         from cluster.app import build_app
+        from cluster.engine_deployment import PROGRESS_ENV
 
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        # the local Ray's workers inherit this: engine replicas write their loading progress there
+        progress_dir = tempfile.mkdtemp(prefix="dsv4-progress-")
+        started.append(lambda: shutil.rmtree(progress_dir, ignore_errors=True))
+        os.environ[PROGRESS_ENV] = os.path.join(progress_dir, "engine")
         ray.init(address="local", num_cpus=args.num_cpus or os.cpu_count(), include_dashboard=False,
                  log_to_driver=args.verbose, configure_logging=args.verbose)
         started.append(ray.shutdown)
         serve.start(http_options={"host": args.host, "port": args.port})
         started.append(serve.shutdown)
-        if not args.quiet:
-            print("starting the model (loading weights)...", file=sys.stderr)
-        serve.run(build_app(config), name="dsv4", route_prefix="/", blocking=False)
+        # deploy without waiting for the replicas, so the loading progress can be drawn meanwhile
+        from ray.serve.api import RunTarget
+        serve.run_many([RunTarget(build_app(config), name="dsv4", route_prefix="/")],
+                       wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
         host = "127.0.0.1" if args.host in ("0.0.0.0", "") else args.host
         url = f"http://{host}:{args.port}"
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, on_signal)
-        _wait_healthy(url, args.startup_timeout)
+        _wait_healthy(url, args.startup_timeout, os.environ[PROGRESS_ENV], config.num_replicas, not args.quiet)
         model_id = config.served_model_names[0]
         auth = f" -H 'Authorization: Bearer {config.api_key}'" if config.api_key else ""
         print(f"dsv4-serve is ready at {url}  (OpenAI /v1/chat/completions, Anthropic /v1/messages)")

@@ -13,8 +13,10 @@ the expert-shard actors and returns a handle with the same ModelRunner protocol.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import time
 
 from actors.engine import Engine
 from actors.engine_prefix import KVServicePrefixCache, NoPrefixCache
@@ -26,9 +28,33 @@ from model_shards.tokenizer import load_tokenizer
 log = logging.getLogger(__name__)
 
 
-def make_runner(config: ServeConfig, checkpoint_dir: str):
+PROGRESS_ENV = "DSV4_PROGRESS_FILE"  # set by `dsv4 serve`: replicas report weight loading there
+
+
+def loading_progress(replica_index: int):
+    """A progress(bytes_read, total) callback writing `<$DSV4_PROGRESS_FILE>.<replica>` (JSON,
+    replaced atomically, at most every 0.2 s) for the local CLI's progress bar; None when unset."""
+    base = os.environ.get(PROGRESS_ENV)
+    if not base:
+        return None
+    path, last = f"{base}.{replica_index}", [0.0]
+
+    def report(done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last[0] < 0.2 and done < total:
+            return
+        last[0] = now
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({"done": done, "total": total}, f)
+        os.replace(tmp, path)
+
+    return report
+
+
+def make_runner(config: ServeConfig, checkpoint_dir: str, progress=None):
     if config.num_expert_shards == 0:
-        return LocalRunner.from_pretrained(checkpoint_dir)
+        return LocalRunner.from_pretrained(checkpoint_dir, progress=progress)
     from actors.launch import launch  # lazy: starts Ray actors (the expert shards)
     return launch(checkpoint_dir, num_expert_shards=config.num_expert_shards,
                   micro_batches=config.micro_batches, transport=config.transport)
@@ -50,7 +76,7 @@ class EngineDeployment:
         self.config = config
         self.replica_index = replica_index
         path = config.resolve_model_path()
-        self.runner = make_runner(config, path)
+        self.runner = make_runner(config, path, loading_progress(replica_index))
         self.tokenizer = load_tokenizer(path)
         cache = make_prefix_cache(config, self.runner, replica_index)
         self.engine = Engine(self.runner, self.tokenizer, config.engine_config(), cache)

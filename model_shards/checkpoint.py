@@ -12,6 +12,7 @@ import ctypes
 import json
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -42,9 +43,13 @@ class TensorRef:
 class CheckpointReader:
     """Canonical name -> TensorRef for every tensor of a checkpoint directory."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, progress: Callable[[int, int], None] | None = None):
         self.path = path
         files = self._list_files(path)
+        # progress(bytes read so far, bytes of all files): a loader's progress bar hook
+        self.progress = progress
+        self.num_bytes_read = 0
+        self.num_file_bytes = sum(os.path.getsize(f) for f in files)
         self._handles: dict[str, object] = {}
         self.refs: dict[str, TensorRef] = {}
         for f in files:
@@ -135,16 +140,23 @@ class CheckpointReader:
         try:
             sl = self._handle(ref.file).get_slice(ref.key)
             if ref.packed_index < 0:
-                return sl[:]
-            t = sl[ref.packed_index]                     # reads only this expert's rows
-            if ref.packed_part == "w2":
-                return t
-            half = t.shape[0] // 2
-            return t[:half] if ref.packed_part == "w1" else t[half:]
+                t = sl[:]
+            else:
+                t = sl[ref.packed_index]                 # reads only this expert's rows
+                if ref.packed_part != "w2":
+                    half = t.shape[0] // 2
+                    t = t[:half] if ref.packed_part == "w1" else t[half:]
+            self._count(t.numel() * t.element_size())
+            return t
         except CheckpointError:
             raise
         except Exception as e:
             raise CheckpointError(f"{ref.file}: cannot read tensor {ref.key!r} ({e})") from None
+
+    def _count(self, num_bytes: int) -> None:
+        self.num_bytes_read += num_bytes
+        if self.progress is not None:
+            self.progress(min(self.num_bytes_read, self.num_file_bytes), self.num_file_bytes)
 
     def read(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         """A weight as `dtype`, FP8 (block scales) and FP4 (packed, per-32 scales) dequantized."""

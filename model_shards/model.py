@@ -41,11 +41,12 @@ class DeepseekV4(nn.Module):
     # ---- loading ---------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                        load_mtp: bool = True) -> "DeepseekV4":
+                        load_mtp: bool = True, progress=None) -> "DeepseekV4":
+        """`progress(bytes_read, total_bytes)`, if given, is called as tensors are read."""
         from .loading import check_known, load_dense, load_experts, load_mtp
 
         cfg = ModelConfig.from_json(path)
-        reader = CheckpointReader(path)
+        reader = CheckpointReader(path, progress=progress)
         dense = load_dense(cfg, reader, dtype, device)
         check_known(cfg, reader, set(dense.state_dict()), load_mtp)
         experts = load_experts(cfg, reader, list(range(cfg.n_routed_experts)), dtype, device)

@@ -130,3 +130,42 @@ def test_dsv4_chat_reports_server_errors_in_one_line(main_app):
     r = subprocess.run([sys.executable, "-m", "cluster.cli", "chat", "--url", main_app.url, "--api-key", "wrong"],
                        input="hello\n", capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2 and "dsv4: error:" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_startup_waits_for_health_and_draws_loading_progress(tmp_path, capfd):
+    """`dsv4 serve`'s wait: replicas write {"done", "total"} bytes to a file per replica; the CLI
+    draws them as one bar until /health answers 200 (here a loopback server that turns healthy)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from cluster.cli import _wait_healthy
+
+    started = time.time()
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if time.time() - started > 2.5 else 503)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = str(tmp_path / "engine")
+
+    def replica(k: int) -> None:
+        for i in range(1, 5):
+            with open(f"{base}.{k}.tmp", "w") as f:
+                json.dump({"done": i * 100, "total": 400}, f)
+            os.replace(f"{base}.{k}.tmp", f"{base}.{k}")
+            time.sleep(0.4)
+
+    for k in range(2):
+        threading.Thread(target=replica, args=(k,), daemon=True).start()
+    try:
+        _wait_healthy(f"http://127.0.0.1:{server.server_port}", 20, base, num_replicas=2)
+    finally:
+        server.shutdown()
+    err = capfd.readouterr().err
+    assert "loading weights" in err and "800/800" in err

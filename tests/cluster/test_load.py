@@ -156,8 +156,9 @@ def test_conversation_sticks_to_its_replica_and_hits_its_prefix(main_app, unique
     assert r2.dsv4_debug["replica"] == r1.dsv4_debug["replica"]
     # everything the first turn computed (its prompt + "Sure.") is reused
     assert r2.usage.prompt_cache_hit_tokens == r1.usage.prompt_tokens + len("Sure.")
-    # other conversations spread over both replicas
+    # other conversations spread over both replicas (affinity is a hash of the first turn: with 24
+    # conversations the chance that all land on one replica is 2^-23)
     replicas = {client.chat.completions.create(
         model=MODEL, messages=[system, {"role": "user", "content": f"question {i}"}], max_tokens=1,
-        extra_body={**NO_THINK, "dsv4_debug": True}).dsv4_debug["replica"] for i in range(8)}
+        extra_body={**NO_THINK, "dsv4_debug": True}).dsv4_debug["replica"] for i in range(24)}
     assert replicas == {0, 1}
