@@ -154,6 +154,16 @@ class Engine:
                            is_healthy=self.is_healthy(), cache=self.cache.stats(), step_seconds=self.step_seconds,
                            **self.counters)
 
+    def prefill_progress(self, min_prompt_tokens: int = 2048) -> tuple[int, int]:
+        """(prompt tokens computed, prompt tokens) summed over live sequences whose prompt has at
+        least `min_prompt_tokens` tokens and is still being prefilled: an operator's progress bar.
+        Safe to call from another thread (reads a snapshot; a racing change only skews one read)."""
+        done = total = 0
+        for seq in list(self._seqs.values()):
+            if seq.num_prompt_tokens >= min_prompt_tokens and seq.is_prefill:
+                done, total = done + seq.num_computed_tokens, total + seq.num_prompt_tokens
+        return done, total
+
     def is_healthy(self) -> bool:
         """Cheap (no calls): the step loop runs and the runner was healthy when last checked."""
         if self._is_closed or self._error is not None:

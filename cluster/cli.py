@@ -235,14 +235,40 @@ def cmd_serve(args) -> int:
               f"    -d '{{\"model\": \"{model_id}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}], "
               f"\"max_tokens\": 32}}'")
         print("stop with Ctrl-C", flush=True)
-        while True:
-            time.sleep(1)
+        watch_prefills(os.environ[PROGRESS_ENV], config.num_replicas, not args.quiet)
     except KeyboardInterrupt:
         if not args.quiet:
             print("stopping...", file=sys.stderr)
         return 0
     finally:
         cleanup()
+
+
+def watch_prefills(progress_base: str, num_replicas: int, show: bool) -> None:
+    """Until interrupted: draw a bar for the prefill of long prompts the replicas report."""
+    from tqdm import tqdm
+
+    bar = None
+    while True:
+        time.sleep(0.5)
+        if not show:
+            continue
+        done = total = 0
+        for k in range(num_replicas):
+            try:
+                with open(f"{progress_base}.{k}.prefill") as f:
+                    p = json.load(f)
+                done, total = done + p["done"], total + p["total"]
+            except (OSError, ValueError, KeyError):
+                pass
+        if bar is not None and bar.total != total:   # a prefill finished or a new one started
+            bar.update(bar.total - bar.n)
+            bar.close()
+            bar = None
+        if total and bar is None:
+            bar = tqdm(total=total, desc="prefill", unit="tok", unit_scale=True, leave=False)
+        if bar is not None:
+            bar.update(done - bar.n)
 
 
 def _serve_config_with(config, **changes):

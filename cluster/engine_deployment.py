@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 
 from actors.engine import Engine
@@ -52,6 +53,28 @@ def loading_progress(replica_index: int):
     return report
 
 
+def report_prefills(engine: Engine, replica_index: int) -> None:
+    """While $DSV4_PROGRESS_FILE is set, write `<file>.<replica>.prefill` = the progress of long
+    prefills (see Engine.prefill_progress) every 0.5 s from a daemon thread, for the local CLI."""
+    base = os.environ.get(PROGRESS_ENV)
+    if not base:
+        return
+    path = f"{base}.{replica_index}.prefill"
+
+    def loop() -> None:
+        while True:
+            done, total = engine.prefill_progress()
+            try:
+                with open(f"{path}.tmp", "w") as f:
+                    json.dump({"done": done, "total": total}, f)
+                os.replace(f"{path}.tmp", path)
+            except OSError:  # the CLI removed its directory: it is shutting down
+                return
+            time.sleep(0.5)
+
+    threading.Thread(target=loop, name="prefill-progress", daemon=True).start()
+
+
 def make_runner(config: ServeConfig, checkpoint_dir: str, progress=None):
     if config.num_expert_shards == 0:
         return LocalRunner.from_pretrained(checkpoint_dir, progress=progress)
@@ -80,6 +103,7 @@ class EngineDeployment:
         self.tokenizer = load_tokenizer(path)
         cache = make_prefix_cache(config, self.runner, replica_index)
         self.engine = Engine(self.runner, self.tokenizer, config.engine_config(), cache)
+        report_prefills(self.engine, replica_index)
         log.info("engine replica %d ready: %s, %d expert shards", replica_index, path, config.num_expert_shards)
 
     async def generate(self, request: GenerateRequest):
