@@ -84,6 +84,19 @@ class PrivateRedis:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def read_progress(progress_base: str, suffix: str, num_replicas: int) -> tuple[int, int]:
+    """(done, total) summed over the replicas' `<base>.<k><suffix>` files; missing ones count 0."""
+    done = total = 0
+    for k in range(num_replicas):
+        try:
+            with open(f"{progress_base}.{k}{suffix}") as f:
+                p = json.load(f)
+            done, total = done + p["done"], total + p["total"]
+        except (OSError, ValueError, KeyError):
+            pass
+    return done, total
+
+
 def wait_healthy(url: str, timeout_s: float, progress_base: str | None = None, num_replicas: int = 1,
                   show: bool = True) -> None:
     """Poll /health; meanwhile draw the replicas' weight-loading progress (bytes) as one bar."""
@@ -94,14 +107,7 @@ def wait_healthy(url: str, timeout_s: float, progress_base: str | None = None, n
     bar = None
     while time.time() < deadline:
         if progress_base and show:
-            done = total = 0
-            for k in range(num_replicas):
-                try:
-                    with open(f"{progress_base}.{k}") as f:
-                        p = json.load(f)
-                    done, total = done + p["done"], total + p["total"]
-                except (OSError, ValueError, KeyError):
-                    pass
+            done, total = read_progress(progress_base, "", num_replicas)
             if total:
                 if bar is None:
                     bar = tqdm(total=total, desc="loading weights", unit="B", unit_scale=True)
@@ -133,14 +139,7 @@ def watch_prefills(progress_base: str, num_replicas: int, show: bool) -> None:
         time.sleep(0.5)
         if not show:
             continue
-        done = total = 0
-        for k in range(num_replicas):
-            try:
-                with open(f"{progress_base}.{k}.prefill") as f:
-                    p = json.load(f)
-                done, total = done + p["done"], total + p["total"]
-            except (OSError, ValueError, KeyError):
-                pass
+        done, total = read_progress(progress_base, ".prefill", num_replicas)
         if bar is not None and bar.total != total:   # a prefill finished or a new one started
             bar.update(bar.total - bar.n)
             bar.close()
