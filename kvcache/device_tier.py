@@ -47,10 +47,6 @@ class DeviceTier(Tier):
         with self._lock:
             return [key in self._records for key in keys]
 
-    def touch_many(self, keys: Sequence[str]) -> None:
-        with self._lock:
-            self._lru.touch_many(keys)
-
     def delete_many(self, keys: Sequence[str]) -> None:
         with self._lock:
             for key in keys:

@@ -247,16 +247,11 @@ class DiskTier(Tier):
         with self._lock:
             return [key in self._index for key in keys]
 
-    def touch_many(self, keys: Sequence[str]) -> None:
-        with self._lock:
-            self._lru.touch_many(keys)
-
     def delete_many(self, keys: Sequence[str]) -> None:
         """Drop keys now; their bytes leave the files at the next `collect_garbage`."""
         with self._lock:
             for key in keys:
                 self._unlink_key(key, is_rewrite_due=True)
-
 
     @property
     def num_file_bytes(self) -> int:

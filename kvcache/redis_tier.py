@@ -196,17 +196,12 @@ class RedisTier(Tier):
         found = self._run(lambda: self._exists(keys), None, "exists") if keys else None
         return found if found is not None else [False] * len(keys)
 
-    def touch_many(self, keys: Sequence[str]) -> None:
-        with self._lock:
-            self._lru.touch_many(keys)
-
     def delete_many(self, keys: Sequence[str]) -> None:
         with self._lock:
             for key in keys:
                 self._lru.remove(key)
         if keys:
             self._run(lambda: self._client.delete(*[self.prefix + key for key in keys]), 0, "delete")
-
 
     def close(self) -> None:
         self._is_closed.set()

@@ -37,9 +37,10 @@ class Tier(ABC):
     def contains_many(self, keys: Sequence[str]) -> list[bool]:
         """Whether each key is stored, without changing the LRU order."""
 
-    @abstractmethod
     def touch_many(self, keys: Sequence[str]) -> None:
         """Make the known keys most recently used, in order."""
+        with self._lock:
+            self._lru.touch_many(keys)
 
     @abstractmethod
     def delete_many(self, keys: Sequence[str]) -> None:
