@@ -68,8 +68,3 @@ class StepBatch:
             groups[g].append(k)
             loads[g] += self.lengths[k]
         return [sorted(g) for g in groups if g]
-
-    def subset(self, segment_ids: list[int]) -> "StepBatch":
-        """A StepBatch over some segments (states shared, tokens copied)."""
-        ids = [self.token_ids[self.starts[k]: self.starts[k] + self.lengths[k]] for k in segment_ids]
-        return StepBatch.build([self.states[k] for k in segment_ids], ids, self.token_ids.device)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -299,8 +298,3 @@ def _rope_from(p: dict[str, Any], theta: float) -> RopeSpec:
         beta_fast=float(p.get("beta_fast") or 32), beta_slow=float(p.get("beta_slow") or 1),
         attention_factor=float(p["attention_factor"]) if p.get("attention_factor") is not None else 1.0,
     )
-
-
-def lcm_block_tokens(cfg: ModelConfig) -> int:
-    """Smallest token count at which every compressor tail of every layer is empty."""
-    return math.lcm(cfg.csa_rate, cfg.hca_rate)
