@@ -216,6 +216,14 @@ class Engine:
             return Rejected(rid, 429, "the server is busy: too many requests are waiting; retry later")
         return None
 
+    def _new_state(self, tensors: dict[str, torch.Tensor] | None) -> SequenceState:
+        """A state from the runner's state pool, loaded from looked-up tensors if given. Runs on the
+        model thread: the pool's buffers must not grow while a step is using them."""
+        state = self.runner.new_state()
+        if tensors is not None:
+            state.load(tensors)
+        return state
+
     async def _admit(self, request: GenerateRequest) -> Sequence | Rejected:
         rid, prompt = request.request_id, list(request.prompt_token_ids)
         state, num_cached, tier = None, 0, None
@@ -224,13 +232,13 @@ class Engine:
                 hit = await asyncio.get_running_loop().run_in_executor(
                     self._cache_pool, self.cache.lookup, prompt, request.cache_salt, len(prompt) - 1)
                 if hit.num_tokens > 0 and hit.state_tensors is not None:
-                    fresh = self.runner.new_state()  # the runner's dtype / device for the restored state
-                    state = SequenceState.from_export(self.runner.config, hit.state_tensors, fresh.dtype, fresh.device)
+                    state = await asyncio.get_running_loop().run_in_executor(
+                        self._model_pool, self._new_state, hit.state_tensors)
                     num_cached, tier = hit.num_tokens, hit.tier
             except Exception:  # a broken cache costs a recompute, never a failed request
                 log.exception("KV lookup failed for %s", rid)
         if state is None:
-            state = self.runner.new_state()
+            state = await asyncio.get_running_loop().run_in_executor(self._model_pool, self._new_state, None)
         params = request.sampling
         max_new = min(params.max_tokens, self.max_model_len - len(prompt))
         data = _SeqData(request, state, SeqSampler(params, self.vocab_size),

@@ -3,7 +3,9 @@
     python benchmarks/model_cpu.py [--preset small] [--prefill 2048] [--decode-steps 16]
 
 Reports prefill tokens/s (one prompt of --prefill tokens) and decode tokens/s at batch 1 and 8
-(after a 256-token prompt per sequence), each with the ratio ours / transformers; and the peak RSS
+(after a 256-token prompt per sequence), each with the ratio ours / transformers, and each decode
+step against its memory floor (the bytes the step must read / this machine's read bandwidth:
+transformers' step time / floor is the best ratio any implementation could reach); and the peak RSS
 growth while loading the official FP8/FP4 checkpoint of the same preset, against the bytes of the
 dequantized weights. Targets (issue #2): prefill >= 1.0x, decode batch 8 >= 3x, load peak <= 1.3x.
 """
@@ -20,7 +22,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import append_results  # noqa: E402
+from benchmarks.common import append_results, decode_floor  # noqa: E402
 from model_shards import DeepseekV4  # noqa: E402
 from model_shards.random_checkpoint import generate  # noqa: E402
 
@@ -121,6 +123,10 @@ def main() -> None:
                                            "ratio": round(o_pre / r_pre, 2)}
             result[f"decode_b{batch}_tok_s"] = {"ours": round(o_dec, 1), "transformers": round(r_dec, 1),
                                                 "ratio": round(o_dec / r_dec, 2)}
+            floor = decode_floor(ours, batch, step_ms=batch / o_dec * 1e3)
+            floor.update(transformers_step_ms=round(batch / r_dec * 1e3, 2),
+                         best_possible_ratio=round((batch / r_dec * 1e3) / floor["floor_ms"], 2))
+            result[f"decode_b{batch}_memory_floor"] = floor
         result["load_official_fp8_fp4"] = bench_load(args.preset, tmp)
     notes = ("Model speed on CPU, fp32, same weights and process as transformers 5.23.0 "
              "(targets: prefill >= 1.0x, decode batch 8 >= 3x; load peak RSS growth <= 1.3x weights).")

@@ -19,7 +19,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import append_results, machine  # noqa: E402
+from benchmarks.common import append_results, decode_floor, machine  # noqa: E402
 from model_shards import DeepseekV4  # noqa: E402
 from model_shards.random_checkpoint import generate  # noqa: E402
 
@@ -83,9 +83,11 @@ def main() -> None:
             for _ in range(10):
                 model.step(states, toks, all_logits=False)
             sync()
-            result[f"decode_b{batch}_step_ms"] = round((time.perf_counter() - t0) / 10 * 1e3, 2)
-            print(f"decode batch {batch}: {result[f'decode_b{batch}_step_ms']} ms/step", flush=True)
+            step_ms = (time.perf_counter() - t0) / 10 * 1e3
+            result[f"decode_b{batch}_step_ms"] = round(step_ms, 2)
             del states
+            result[f"decode_b{batch}_floor"] = decode_floor(model, batch, step_ms=step_ms)
+            print(f"decode batch {batch}: {step_ms:.2f} ms/step; floor {result[f'decode_b{batch}_floor']}", flush=True)
     if out_path:
         import json
         with open(out_path, "w") as f:

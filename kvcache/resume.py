@@ -2,7 +2,7 @@
 
 Owns no state. Duck-typed on `model_shards.DeepseekV4`: ``model.config``, ``model.new_state()``,
 ``model.step(states, token_lists, all_logits=False)``, and the state's ``export()`` and
-``type(state).from_export(config, tensors)``. It mirrors what actors/ does around the service:
+``state.load(tensors)``. It mirrors what actors/ does around the service:
 
 - `prompt_checkpoints`: where to export a prompt's state: every `checkpoint_tokens`, the end of
   the prompt, and ``len - 1`` (a resent prompt still needs the logits of its last token, so a
@@ -55,8 +55,9 @@ def prompt_checkpoints(service, num_prompt_tokens: int) -> list[int]:
 
 def import_state(model, tensors: dict[str, torch.Tensor]):
     """A state of `model` (its dtype and device) from exported / looked-up tensors."""
-    empty = model.new_state()
-    return type(empty).from_export(model.config, tensors, dtype=empty.dtype, device=empty.device)
+    state = model.new_state()
+    state.load(tensors)
+    return state
 
 
 @torch.no_grad()

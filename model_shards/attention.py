@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
-from .batch import StepBatch
+from .batch import DecodeMeta, StepBatch
 from .compressor import Compressor, Indexer, RMSNormWeight
 from .config import CSA, HCA, SLIDING, ModelConfig
-from .ops import apply_rope, rms_norm, stable_topk
+from .fused import FusedLinear
+from .ops import rms_norm, rope_, stable_topk
 from .state import LayerState
 
 
@@ -29,6 +31,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
         self.cfg = cfg
+        self.layer_id = layer_id
         self.layer_type = cfg.layer_types[layer_id]
         self.rope_name = "main" if self.layer_type == SLIDING else "compress"
         H, D = cfg.num_attention_heads, cfg.head_dim
@@ -50,26 +53,37 @@ class Attention(nn.Module):
             self.compressor = Compressor(cfg.hidden_size, D, cfg.csa_rate, True, cfg.rms_norm_eps)
             self.indexer = Indexer(cfg.hidden_size, cfg.q_lora_rank, cfg.index_n_heads, cfg.index_head_dim,
                                    cfg.csa_rate, cfg.rms_norm_eps)
+        # every projection of the layer input: q_a, kv, [compressor kv, gate], [indexer kv, gate, weights]
+        in_proj = [self.wq_a, self.wkv]
+        if self.compressor is not None:
+            in_proj += [self.compressor.wkv, self.compressor.wgate]
+        if self.indexer is not None:
+            ic = self.indexer.compressor
+            in_proj += [ic.wkv, ic.wgate, self.indexer.weights_proj]
+        self._in_proj = FusedLinear(in_proj)
 
     # ---- whole step --------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, batch: StepBatch, states: list[LayerState],
                 compress_inv_freq: torch.Tensor) -> torch.Tensor:
         """x [T, hidden] (already normed) -> [T, hidden]. Advances `states` (this layer's)."""
-        cos, sin = batch.rope[self.rope_name]                     # [T, rope/2]
-        q_residual = self.q_norm(self.wq_a(x))                    # [T, q_lora]
+        cis = batch.rope[self.rope_name]                          # [T, rope/2] complex
+        proj = self._in_proj(x)                                   # every projection of x, one matmul
+        q_residual = self.q_norm(proj[0])                         # [T, q_lora]
         q = self.wq_b(q_residual).unflatten(-1, (self.num_heads, self.head_dim))
         q = rms_norm(q, None, self.cfg.rms_norm_eps)
-        q = apply_rope(q, cos.unsqueeze(-2), sin.unsqueeze(-2))   # [T, H, D]
-        kv = apply_rope(self.norm(self.wkv(x)), cos, sin)         # [T, D]
+        q = rope_(q, cis.unsqueeze(-2))                           # [T, H, D]
+        kv = rope_(self.norm(proj[1]), cis)                       # [T, D]
 
         comp_kv = comp_gate = idx_kv = idx_gate = idx_q = idx_w = None
         if self.compressor is not None:
-            comp_kv, comp_gate = self.compressor.project(x)
+            comp_kv, comp_gate = proj[2], proj[3]                 # [T, in_dim]
         if self.indexer is not None:
-            idx_kv, idx_gate = self.indexer.compressor.project(x)
-            c_cos, c_sin = batch.rope["compress"]
-            idx_q, idx_w = self.indexer.queries(q_residual, x, c_cos, c_sin)
+            idx_kv, idx_gate = proj[4], proj[5]
+            idx_q, idx_w = self.indexer.queries(q_residual, proj[6], batch.rope["compress"])
 
+        if not batch.prefill_segments:                            # decode only: rows are 0..T-1 in order
+            return self._decode_step(q, kv, comp_kv, comp_gate, idx_kv, idx_gate, idx_q, idx_w, cis, batch,
+                                     states, compress_inv_freq)
         out = torch.empty_like(q)
         for k in batch.prefill_segments:
             rows = slice(batch.starts[k], batch.starts[k] + batch.lengths[k])
@@ -79,24 +93,48 @@ class Attention(nn.Module):
                                              None if idx_q is None else idx_q[rows],
                                              None if idx_w is None else idx_w[rows])
         if batch.decode_segments:
-            rows = torch.tensor([batch.starts[k] for k in batch.decode_segments], dtype=torch.int64, device=x.device)
-            dec_states = [states[k] for k in batch.decode_segments]
-            for j, st in enumerate(dec_states):
-                r = int(rows[j])
-                self._push_compressors(st, slice(r, r + 1), comp_kv, comp_gate, idx_kv, idx_gate, compress_inv_freq)
-            out[rows] = self._attend_decode(q[rows], kv[rows], dec_states,
-                                            None if idx_q is None else idx_q[rows],
-                                            None if idx_w is None else idx_w[rows])
+            rows = batch.decode_rows
+
+            def pick(t):
+                return None if t is None else t[rows]
+
+            out[rows] = self._decode_rows(pick(q), pick(kv), pick(comp_kv), pick(comp_gate), pick(idx_kv),
+                                          pick(idx_gate), pick(idx_q), pick(idx_w), batch,
+                                          [states[k] for k in batch.decode_segments], compress_inv_freq)
         # undo the rope rotation that V (= K) carried, at the query position
-        out = apply_rope(out, cos.unsqueeze(-2), -sin.unsqueeze(-2))
+        out = rope_(out, cis.unsqueeze(-2).conj())
         return self._project_out(out)
+
+    def _decode_step(self, q, kv, comp_kv, comp_gate, idx_kv, idx_gate, idx_q, idx_w, cis, batch, states,
+                     inv_freq) -> torch.Tensor:
+        out = self._decode_rows(q, kv, comp_kv, comp_gate, idx_kv, idx_gate, idx_q, idx_w, batch, states, inv_freq)
+        return self._project_out(rope_(out, cis.unsqueeze(-2).conj()))
+
+    def _decode_rows(self, q, kv, comp_kv, comp_gate, idx_kv, idx_gate, idx_q, idx_w, batch, states,
+                     inv_freq) -> torch.Tensor:
+        """The decode segments' rows (one token per sequence): push compressors, attend."""
+        meta = batch.decode
+        if self.compressor is not None:
+            self.compressor.push_decode([st.comp for st in states], comp_kv, comp_gate, inv_freq,
+                                        self._pooled_tail(meta, "comp"))
+        if self.indexer is not None:
+            self.indexer.compressor.push_decode([st.index for st in states], idx_kv, idx_gate, inv_freq,
+                                                self._pooled_tail(meta, "index"))
+        return self._attend_decode(q, kv, states, idx_q, idx_w, meta)
+
+    def _pooled_tail(self, meta: DecodeMeta | None, name: str):
+        """The pool buffers and step indices of one of this layer's compressors (None: not pooled)."""
+        if meta is None:
+            return None
+        rate = self.compressor.rate
+        return meta.compressor(self.layer_id, name, rate)
 
     def _project_out(self, o: torch.Tensor) -> torch.Tensor:
         """o [T, H, D] -> [T, hidden] through the grouped low-rank projection."""
-        G = self.cfg.o_groups
-        grouped = o.reshape(o.shape[0], G, -1)                                   # [T, G, H*D/G]
+        G, T = self.cfg.o_groups, o.shape[0]
+        grouped = o.reshape(T, G, -1).transpose(0, 1)                            # [G, T, H*D/G]
         w = self.wo_a.weight.view(G, self.cfg.o_lora_rank, -1)                   # [G, r, H*D/G]
-        mid = torch.einsum("tgi,gri->tgr", grouped, w).reshape(o.shape[0], -1)   # [T, G*r]
+        mid = torch.bmm(grouped, w.transpose(1, 2)).transpose(0, 1).reshape(T, -1)  # [T, G*r]
         return self.wo_b(mid)
 
     def _push_compressors(self, st: LayerState, rows, comp_kv, comp_gate, idx_kv, idx_gate, inv_freq) -> None:
@@ -110,9 +148,11 @@ class Attention(nn.Module):
 
     def _attend_segment(self, q, kv, positions, st: LayerState, idx_q, idx_w) -> torch.Tensor:
         """q [S, H, D], kv [S, D] -> [S, H, D]; updates the window (compressors already pushed)."""
-        W, S, w = self.window, q.shape[0], st.window.shape[0]
-        keys = torch.cat([st.window, kv])                                        # [w+S, D], positions p0-w..
-        st.window = keys[-(W - 1):].clone() if W > 1 else keys[:0].clone()
+        W, S = self.window, q.shape[0]
+        window = st.window
+        w = window.shape[0]
+        keys = torch.cat([window, kv])                                           # [w+S, D], positions p0-w..
+        st.write_window(kv)
         entries = None
         if self.compressor is not None and st.comp.num_entries:
             entries = st.comp.entries                                            # [N, D]
@@ -171,42 +211,66 @@ class Attention(nn.Module):
         return chosen & causal
 
     # ---- B sequences, one new token each -----------------------------------------------------
-    def _attend_decode(self, q, kv, states: list[LayerState], idx_q, idx_w) -> torch.Tensor:
-        """q [B, H, D], kv [B, D] -> [B, H, D]; keys padded per sequence and masked."""
-        B, W, D = q.shape[0], self.window, self.head_dim
-        lens = [st.window.shape[0] for st in states]
-        keys = kv.new_zeros(B, W, D)                                             # window, right-aligned
-        for b, st in enumerate(states):
-            if lens[b]:
-                keys[b, W - 1 - lens[b]: W - 1] = st.window
-        keys[:, W - 1] = kv
-        key_ok = torch.arange(W, device=kv.device)[None, :] >= (W - 1 - torch.tensor(lens, device=kv.device))[:, None]
-        for b, st in enumerate(states):
-            keep = min(lens[b] + 1, W - 1)
-            st.window = keys[b, W - keep:].clone() if keep else keys[b, :0].clone()
-        entries = entry_ok = None
-        if self.compressor is not None:
-            counts = [st.comp.num_entries for st in states]
-            if max(counts):
-                entries, entry_ok = self._decode_entries(states, counts, idx_q, idx_w)  # [B, K, D], [B, K]
-                entry_ok = entry_ok.unsqueeze(1)
-        out = self._attend(q.unsqueeze(2), keys, key_ok.unsqueeze(1), entries, entry_ok)  # [B, H, 1, D]
-        return out.squeeze(2)
+    def _attend_decode(self, q, kv, states: list[LayerState], idx_q, idx_w, meta: DecodeMeta | None) -> torch.Tensor:
+        """q [B, H, D], kv [B, D] -> [B, H, D] (compressors already pushed).
 
-    def _decode_entries(self, states, counts, idx_q, idx_w):
-        """Each sequence's attended entries, padded: ([B, K, D], valid [B, K])."""
-        B, n_max = len(states), max(counts)
-        entries = states[0].comp.entries.new_zeros(B, n_max, self.head_dim)
-        for b, st in enumerate(states):
-            entries[b, : counts[b]] = st.comp.entries
-        valid = torch.arange(n_max)[None, :] < torch.tensor(counts)[:, None]     # [B, N]
-        if self.indexer is None or n_max <= self.cfg.index_topk:
-            return entries, valid.to(entries.device)
-        keys = entries.new_zeros(B, n_max, self.cfg.index_head_dim)
-        for b, st in enumerate(states):
-            keys[b, : counts[b]] = st.index.entries
+        Each sequence's latent goes into its ring row; the B rings are gathered and every ring row
+        holding one of the last W tokens is a key (a decode query sees its whole window), then the
+        attended entries follow. Pooled states (`meta`): one indexed write and one gather."""
+        B, W = q.shape[0], self.window
+        if meta is not None:
+            ring = meta.pool.rings[self.layer_id]                                # [slots, W, D]
+            ring[meta.slots, meta.ring_rows] = kv
+            keys = ring[meta.slots]                                              # [B, W, D]
+            key_ok = meta.window_ok
+            for st in states:
+                st.num_tokens += 1
+        else:
+            for b, st in enumerate(states):
+                st.write_window(kv[b: b + 1])
+            keys = torch.stack([st.ring for st in states])                       # [B, W, D]
+            seen = torch.tensor([st.num_tokens for st in states], device=kv.device)  # incl. this token
+            key_ok = torch.arange(W, device=kv.device)[None, :] < seen[:, None]  # [B, W]
+        if self.compressor is not None and max(st.comp.num_entries for st in states):
+            if meta is not None:
+                entries, entry_ok = self._decode_entries_paged(meta, idx_q, idx_w)  # [B, K, D], [B, K]
+            else:
+                entries, entry_ok = self._decode_entries(states, idx_q, idx_w)
+
+            keys = torch.cat([keys, entries], dim=1)
+            key_ok = torch.cat([key_ok, entry_ok], dim=1)
+        scale = self.head_dim ** -0.5
+        logits = torch.bmm(q * scale, keys.transpose(1, 2))                      # [B, H, L]
+        logits = logits.masked_fill(~key_ok.unsqueeze(1), float("-inf"))
+        sink = self.attn_sink.to(logits.dtype).view(1, -1, 1).expand(B, -1, 1)   # [B, H, 1]
+        probs = torch.cat([logits, sink], dim=-1).softmax(dim=-1)[..., :-1]      # the sink takes mass only
+        return torch.bmm(probs, keys)                                            # [B, H, D]
+
+    def _decode_entries(self, states, idx_q, idx_w):
+        """Each sequence's attended entries, right-padded: ([B, K, D], valid [B, K])."""
+        counts = torch.tensor([st.comp.num_entries for st in states])
+        entries = pad_sequence([st.comp.entries for st in states], batch_first=True)   # [B, N, D]
+        valid = (torch.arange(entries.shape[1])[None, :] < counts[:, None]).to(entries.device)  # [B, N]
+        keys = None
+        if self.indexer is not None and int(counts.max()) > self.cfg.index_topk:
+            keys = pad_sequence([st.index.entries for st in states], batch_first=True)  # [B, N, d_I]
+        return self._select_entries(entries, valid, keys, idx_q, idx_w)
+
+    def _decode_entries_paged(self, meta: DecodeMeta, idx_q, idx_w):
+        """Pooled: every sequence's entries in one gather through the page table of this rate."""
+        rate = self.compressor.rate
+        table = meta.page_table[rate]                                            # [B, pages]
+        entries = meta.pool.pages[(self.layer_id, "comp")][table].flatten(1, 2)  # [B, pages*P, D]
+        keys = None
+        if self.indexer is not None and meta.max_entries[rate] > self.cfg.index_topk:
+            keys = meta.pool.pages[(self.layer_id, "index")][table].flatten(1, 2)  # [B, pages*P, d_I]
+        return self._select_entries(entries, meta.entry_ok[rate], keys, idx_q, idx_w)
+
+    def _select_entries(self, entries, valid, keys, idx_q, idx_w):
+        """CSA with more than top-k entries (`keys` given): keep the indexer's top-k per sequence."""
+        if keys is None:
+            return entries, valid
         scores = self.indexer.scores(idx_q.unsqueeze(1), idx_w.unsqueeze(1), keys).squeeze(1)  # [B, N]
-        valid = valid.to(scores.device)
         scores = scores.masked_fill(~valid, float("-inf"))
         top = stable_topk(scores, self.cfg.index_topk)                            # [B, k]
         picked = torch.gather(entries, 1, top.unsqueeze(-1).expand(-1, -1, self.head_dim))

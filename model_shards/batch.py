@@ -9,6 +9,7 @@ tokens. Tokens of all sequences are laid out flat ([T]); segment k covers rows
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -24,8 +25,11 @@ class StepBatch:
     lengths: list[int]
     decode_segments: list[int] = field(default_factory=list)   # segment indices with length 1
     prefill_segments: list[int] = field(default_factory=list)  # the others
-    # rope tables for `positions`, filled by the model: {"main": (cos, sin), "compress": (cos, sin)}
-    rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    decode_rows: torch.Tensor | None = None                    # [num decode segments] their rows
+    # rope rotations for `positions`, filled by the model: {"main": cis, "compress": cis}, each
+    # complex64 [T, rope_dim // 2] (ops.rope_cis)
+    rope: dict[str, torch.Tensor] = field(default_factory=dict)
+    decode: "DecodeMeta | None" = None  # set by the model when every decode state is in one StatePool
 
     @classmethod
     def build(cls, states: list[SequenceState], token_ids: list[torch.Tensor],
@@ -48,6 +52,7 @@ class StepBatch:
         batch = cls(flat, torch.cat(positions).to(device), list(states), starts, lengths)
         batch.decode_segments = [k for k, n in enumerate(lengths) if n == 1]
         batch.prefill_segments = [k for k, n in enumerate(lengths) if n > 1]
+        batch.decode_rows = torch.tensor([starts[k] for k in batch.decode_segments], dtype=torch.int64, device=device)
         return batch
 
     @property
@@ -68,3 +73,75 @@ class StepBatch:
             groups[g].append(k)
             loads[g] += self.lengths[k]
         return [sorted(g) for g in groups if g]
+
+
+@dataclass
+class DecodeMeta:
+    """Per-step indices for decoding B sequences whose buffers live in one StatePool, shared by
+    every layer: token b (position p_b) writes ring row p_b % W of slot `slots[b]` and tail row
+    p_b % rate; the sequences in `completes[rate]` fill a compressor window this step and write its
+    entry at (`entry_pages`, `entry_rows`)[rate]. `page_table[rate]` [B, max pages] lists each
+    sequence's entry pages after this step (padded with the zero page 0); `entry_ok[rate]` marks
+    the real entries of the flattened pages."""
+    pool: Any
+    slots: torch.Tensor                       # [B] int64 pool slots
+    ring_rows: torch.Tensor                   # [B] int64, p % W
+    window_ok: torch.Tensor                   # [B, W] bool: ring rows holding one of the last W tokens
+    tail_rows: dict[int, torch.Tensor]        # rate -> [B] int64, p % rate
+    completes: dict[int, list[int]]           # rate -> batch indices whose window completes
+    entry_pages: dict[int, torch.Tensor]      # rate -> [F] page of each completing sequence's new entry
+    entry_rows: dict[int, torch.Tensor]       # rate -> [F] row in that page
+    page_table: dict[int, torch.Tensor]       # rate -> [B, max pages] int64
+    entry_ok: dict[int, torch.Tensor]         # rate -> [B, max pages * page_size] bool
+    max_entries: dict[int, int]               # rate -> most entries any sequence has after this step
+
+    @classmethod
+    def build(cls, states: list[SequenceState], positions: torch.Tensor, window: int) -> "DecodeMeta | None":
+        pool = states[0].pool
+        if pool is None or any(s.pool is not pool for s in states):
+            return None
+        device, P = positions.device, pool.page_size
+        slots = torch.tensor([s.slot for s in states], dtype=torch.int64, device=device)
+        window_ok = torch.arange(window, device=device)[None, :] <= positions[:, None]   # before wrap-around
+        tail_rows, completes, entry_pages, entry_rows, page_table, entry_ok, max_entries = {}, {}, {}, {}, {}, {}, {}
+        for r in pool.rates:
+            counts = [(s.num_tokens + 1) // r for s in states]          # entries after this step
+            for s, n in zip(states, counts):
+                pool.ensure_pages(s.pages[r], r, n)
+            done = [b for b, s in enumerate(states) if (s.num_tokens + 1) % r == 0]
+            tail_rows[r] = positions % r
+            completes[r] = done
+            entry_pages[r] = torch.tensor([states[b].pages[r][(counts[b] - 1) // P] for b in done],
+                                          dtype=torch.int64, device=device)
+            entry_rows[r] = torch.tensor([(counts[b] - 1) % P for b in done], dtype=torch.int64, device=device)
+            num_pages = max(-(-n // P) for n in counts)
+            table = [s.pages[r][:num_pages] + [0] * (num_pages - min(num_pages, len(s.pages[r]))) for s in states]
+            page_table[r] = torch.tensor(table, dtype=torch.int64, device=device).reshape(len(states), num_pages)
+            entry_ok[r] = (torch.arange(num_pages * P, device=device)[None, :]
+                           < torch.tensor(counts, device=device)[:, None])
+            max_entries[r] = max(counts)
+        return cls(pool, slots, positions % window, window_ok, tail_rows, completes, entry_pages, entry_rows,
+                   page_table, entry_ok, max_entries)
+
+    def compressor(self, layer_id: int, name: str, rate: int) -> "PooledCompressor":
+        pool = self.pool
+        kv, gate = pool.tails[(layer_id, name)]
+        ov_kv, ov_gate = pool.overlaps.get((layer_id, name), (None, None))
+        return PooledCompressor(kv, gate, ov_kv, ov_gate, pool.pages[(layer_id, name)], self.slots,
+                                self.tail_rows[rate], self.completes[rate], self.entry_pages[rate],
+                                self.entry_rows[rate])
+
+
+@dataclass
+class PooledCompressor:
+    """One compressor's pool buffers and this step's indices into them (see DecodeMeta)."""
+    tail_kv: torch.Tensor                     # [slots, rate, in_dim]
+    tail_gate: torch.Tensor
+    overlap_kv: torch.Tensor | None           # [slots, rate, dim] (CSA)
+    overlap_gate: torch.Tensor | None
+    entry_pages_store: torch.Tensor           # [pages, page_size, dim]
+    slots: torch.Tensor                       # [B]
+    tail_rows: torch.Tensor                   # [B]
+    completes: list[int]
+    entry_pages: torch.Tensor                 # [F]
+    entry_rows: torch.Tensor                  # [F]

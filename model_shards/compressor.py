@@ -14,11 +14,16 @@ kept in the state so that the next call continues exactly.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-from .ops import apply_rope, rms_norm, rope_cos_sin
+from .ops import rms_norm, rope_, rope_cis
 from .state import CompressorState
+
+if TYPE_CHECKING:
+    from .batch import PooledCompressor
 
 
 class RMSNormWeight(nn.Module):
@@ -45,38 +50,90 @@ class Compressor(nn.Module):
         self.ape = nn.Parameter(torch.zeros(rate, self.in_dim))
         self.norm = RMSNormWeight(dim, eps)
 
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, hidden] -> (kv, gate) [T, in_dim] for every token of a step at once."""
-        return self.wkv(x), self.wgate(x)
-
     def push(self, cs: CompressorState, kv: torch.Tensor, gate: torch.Tensor, inv_freq: torch.Tensor) -> None:
         """Append one sequence's new projected tokens ([S, in_dim]); emit every completed entry."""
-        if cs.tail_kv.shape[0]:
+        if cs.num_tail:
             kv = torch.cat([cs.tail_kv, kv])
             gate = torch.cat([cs.tail_gate, gate])
         usable = (kv.shape[0] // self.rate) * self.rate
-        cs.tail_kv, cs.tail_gate = kv[usable:].clone(), gate[usable:].clone()
+        cs.set_tail(kv[usable:], gate[usable:])
         if usable == 0:
             return
         num_windows = usable // self.rate
         win_kv = kv[:usable].view(num_windows, self.rate, self.in_dim)
         win_gate = gate[:usable].view(num_windows, self.rate, self.in_dim) + self.ape
+        prev_kv = prev_gate = None
+        if self.is_overlapping:  # window w reads the Ca half of window w-1 (of the state for w = 0)
+            d = self.dim
+            prev_kv = torch.cat([cs._overlap_kv.unsqueeze(0), win_kv[:-1, :, :d]])     # [W, m, d]
+            prev_gate = torch.cat([cs._overlap_gate.unsqueeze(0), win_gate[:-1, :, :d]])  # -inf: no window
+            cs.set_overlap(win_kv[-1, :, :d], win_gate[-1, :, :d])
+        positions = (cs.num_entries + torch.arange(num_windows, device=kv.device)) * self.rate
+        cs.append_entries(self._pool(win_kv, win_gate, prev_kv, prev_gate, positions, inv_freq))
+
+    def push_decode(self, states: list[CompressorState], kv: torch.Tensor, gate: torch.Tensor,
+                    inv_freq: torch.Tensor, pooled: "PooledCompressor | None" = None) -> None:
+        """One new token for each of B sequences (kv / gate [B, in_dim]): each row goes into its
+        state's tail in place; the sequences whose window completes pool it together. `pooled`:
+        the sequences' buffers live in a StatePool, so each update is one indexed op for all B."""
+        if pooled is not None:
+            self._push_decode_pooled(states, kv, gate, inv_freq, pooled)
+            return
+        for b, cs in enumerate(states):
+            n = cs.num_tail
+            cs._tail_kv[n] = kv[b]
+            cs._tail_gate[n] = gate[b]
+            cs.num_tail = n + 1
+        full = [cs for cs in states if cs.num_tail == self.rate]
+        if not full:
+            return
+        win_kv = torch.stack([cs._tail_kv for cs in full])                      # [F, rate, in_dim]
+        win_gate = torch.stack([cs._tail_gate for cs in full]) + self.ape
+        prev_kv = prev_gate = None
         if self.is_overlapping:
-            d, r = self.dim, self.rate
-            slots_kv = win_kv.new_zeros(num_windows, 2 * r, d)                    # [W, 2m, d]
-            slots_gate = win_gate.new_full((num_windows, 2 * r, d), float("-inf"))
-            slots_kv[:, r:], slots_gate[:, r:] = win_kv[..., d:], win_gate[..., d:]  # Cb of window w
-            slots_kv[1:, :r], slots_gate[1:, :r] = win_kv[:-1, :, :d], win_gate[:-1, :, :d]  # Ca of w-1
-            if cs.overlap_kv is not None:
-                slots_kv[0, :r], slots_gate[0, :r] = cs.overlap_kv, cs.overlap_gate
-            cs.overlap_kv = win_kv[-1, :, :d].clone()
-            cs.overlap_gate = win_gate[-1, :, :d].clone()
-            win_kv, win_gate = slots_kv, slots_gate
+            prev_kv = torch.stack([cs._overlap_kv for cs in full])               # [F, rate, dim]
+            prev_gate = torch.stack([cs._overlap_gate for cs in full])
+        positions = torch.tensor([cs.num_entries * self.rate for cs in full], device=kv.device)
+        entries = self._pool(win_kv, win_gate, prev_kv, prev_gate, positions, inv_freq)   # [F, d]
+        for f, cs in enumerate(full):
+            cs.num_tail = 0
+            if self.is_overlapping:
+                cs.set_overlap(win_kv[f, :, : self.dim], win_gate[f, :, : self.dim])
+            cs.append_entries(entries[f: f + 1])
+
+    def _push_decode_pooled(self, states, kv, gate, inv_freq, p: "PooledCompressor") -> None:
+        p.tail_kv[p.slots, p.tail_rows] = kv
+        p.tail_gate[p.slots, p.tail_rows] = gate
+        for cs in states:
+            cs.num_tail += 1
+        if not p.completes:
+            return
+        slots = p.slots[p.completes] if len(p.completes) < len(states) else p.slots
+        win_kv, win_gate = p.tail_kv[slots], p.tail_gate[slots] + self.ape       # [F, rate, in_dim]
+        prev_kv = prev_gate = None
+        if self.is_overlapping:
+            d = self.dim
+            prev_kv, prev_gate = p.overlap_kv[slots], p.overlap_gate[slots]      # [F, rate, d]
+            p.overlap_kv[slots] = win_kv[:, :, :d]
+            p.overlap_gate[slots] = win_gate[:, :, :d]
+        full = [states[b] for b in p.completes]
+        positions = torch.tensor([cs.num_entries * self.rate for cs in full], device=kv.device)
+        p.entry_pages_store[p.entry_pages, p.entry_rows] = self._pool(win_kv, win_gate, prev_kv, prev_gate,
+                                                                      positions, inv_freq)
+        for cs in full:
+            cs.num_tail = 0
+            cs.num_entries += 1
+
+    def _pool(self, win_kv, win_gate, prev_kv, prev_gate, positions, inv_freq) -> torch.Tensor:
+        """Windows [N, rate, in_dim] (gates with the position bias), for CSA with the previous
+        windows' Ca halves [N, rate, dim] -> entries [N, dim] with the compress rope at `positions`."""
+        if self.is_overlapping:  # 2*rate slots: Ca of the previous window, then Cb of this one
+            d = self.dim
+            win_kv = torch.cat([prev_kv, win_kv[..., d:]], dim=1)                   # [N, 2m, d]
+            win_gate = torch.cat([prev_gate, win_gate[..., d:]], dim=1)
         weights = win_gate.softmax(dim=1, dtype=torch.float32).to(win_kv.dtype)
-        pooled = self.norm((win_kv * weights).sum(dim=1))                          # [W, d]
-        positions = (cs.num_entries + torch.arange(num_windows, device=pooled.device)) * self.rate
-        cos, sin = rope_cos_sin(inv_freq, positions, dtype=torch.float32)
-        cs.append_entries(apply_rope(pooled, cos, sin))
+        pooled = self.norm((win_kv * weights).sum(dim=1))                          # [N, d]
+        return rope_(pooled, rope_cis(inv_freq, positions))
 
 
 class Indexer(nn.Module):
@@ -92,12 +149,12 @@ class Indexer(nn.Module):
         self.weights_proj = nn.Linear(hidden, num_heads, bias=False)
         self.compressor = Compressor(hidden, head_dim, rate, True, eps)
 
-    def queries(self, q_residual: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """-> q [T, n_I, d_I] (compress rope at the query positions), head weights [T, n_I] (float32)."""
+    def queries(self, q_residual: torch.Tensor, weight_logits: torch.Tensor, cis: torch.Tensor):
+        """q_residual [T, q_lora], weight_logits = weights_proj(x) [T, n_I] -> q [T, n_I, d_I]
+        (compress rope at the query positions), head weights [T, n_I] (float32)."""
         q = self.wq_b(q_residual).unflatten(-1, (self.num_heads, self.head_dim))
-        q = apply_rope(q, cos.unsqueeze(-2), sin.unsqueeze(-2))
-        weights = self.weights_proj(x).float() * self.num_heads ** -0.5
-        return q, weights
+        q = rope_(q, cis.unsqueeze(-2))
+        return q, weight_logits.float() * self.num_heads ** -0.5
 
     def scores(self, q: torch.Tensor, head_weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """q [..., S, n_I, d_I], head_weights [..., S, n_I], keys [..., N, d_I] -> [..., S, N] float32."""

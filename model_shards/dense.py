@@ -26,12 +26,13 @@ import torch
 from torch import nn
 
 from .attention import Attention
-from .batch import StepBatch
+from .batch import DecodeMeta, StepBatch
 from .compressor import RMSNormWeight
 from .config import ModelConfig
 from .moe import Gate, SharedExpert
-from .ops import rms_norm, rope_cos_sin, rope_inv_freq
+from .ops import rms_norm, rope_cis, rope_inv_freq, sinkhorn
 from .state import SequenceState
+from .state_pool import StatePool
 
 
 def hc_weights(h: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
@@ -39,25 +40,23 @@ def hc_weights(h: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: tor
     """h [T, hc, hidden] -> collapsed block input [T, hidden], post [T, hc], comb [T, hc, hc] (float32)."""
     hc = cfg.hc_mult
     flat = rms_norm(h.flatten(1).float(), None, cfg.rms_norm_eps)
-    mixes = flat @ fn.float().T                                                 # [T, (2+hc)*hc]
-    pre_w, post_w, comb_w = mixes.split([hc, hc, hc * hc], dim=-1)
-    pre_b, post_b, comb_b = base.float().split([hc, hc, hc * hc])
-    s = scale.float()
-    pre = torch.sigmoid(pre_w * s[0] + pre_b) + cfg.hc_eps
-    post = 2 * torch.sigmoid(post_w * s[1] + post_b)
-    comb = torch.softmax(comb_w.unflatten(-1, (hc, hc)) * s[2] + comb_b.view(hc, hc), dim=-1) + cfg.hc_eps
-    comb = comb / (comb.sum(dim=-2, keepdim=True) + cfg.hc_eps)
-    for _ in range(cfg.hc_sinkhorn_iters - 1):
-        comb = comb / (comb.sum(dim=-1, keepdim=True) + cfg.hc_eps)
-        comb = comb / (comb.sum(dim=-2, keepdim=True) + cfg.hc_eps)
-    collapsed = (pre.unsqueeze(-1) * h).sum(dim=1).to(h.dtype)
+    # mixes * scale + base, with scale[0] on the pre columns, scale[1] on post, scale[2] on comb
+    scale_cols = scale.float().repeat_interleave(torch.tensor([hc, hc, hc * hc], device=scale.device))
+    mixes = torch.addcmul(base.float(), flat @ fn.float().T, scale_cols)         # [T, (2+hc)*hc]
+    gates = torch.sigmoid(mixes[:, : 2 * hc])
+    pre = gates[:, :hc] + cfg.hc_eps
+    post = 2 * gates[:, hc:]
+    comb = torch.softmax(mixes[:, 2 * hc:].unflatten(-1, (hc, hc)), dim=-1) + cfg.hc_eps
+    comb = sinkhorn(comb, cfg.hc_sinkhorn_iters, cfg.hc_eps)
+    collapsed = torch.bmm(pre.unsqueeze(1), h.float()).squeeze(1).to(h.dtype)  # Σ_k pre_k h_k
     return collapsed, post, comb
 
 
 def hc_merge(out: torch.Tensor, h: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
     """h'_k = post_k * out + Σ_j comb[j, k] h_j   ([T, hidden], [T, hc, hidden] -> [T, hc, hidden])."""
     dtype = h.dtype
-    return post.to(dtype).unsqueeze(-1) * out.unsqueeze(-2) + torch.matmul(comb.to(dtype).transpose(-1, -2), h)
+    spread = post.to(dtype).unsqueeze(-1) * out.unsqueeze(-2)                  # [T, hc, hidden]
+    return torch.baddbmm(spread, comb.to(dtype).transpose(-1, -2), h)
 
 
 class Block(nn.Module):
@@ -104,6 +103,7 @@ class DenseModel(nn.Module):
         self.hc_head_fn = nn.Parameter(torch.zeros(hc, hc * cfg.hidden_size))
         self.hc_head_base = nn.Parameter(torch.zeros(hc))
         self.hc_head_scale = nn.Parameter(torch.ones(1))
+        self.state_pool: StatePool | None = None   # made on the first new_state(), on the weights' device
         self.register_buffer("main_inv_freq", rope_inv_freq(cfg.main_rope, cfg.qk_rope_head_dim), persistent=False)
         self.register_buffer("compress_inv_freq", rope_inv_freq(cfg.compress_rope, cfg.qk_rope_head_dim), persistent=False)
 
@@ -116,16 +116,22 @@ class DenseModel(nn.Module):
         return self.embed.weight.device
 
     def new_state(self) -> SequenceState:
-        return SequenceState.new(self.cfg, self.dtype, self.device)
+        """A fresh state in this model's StatePool (batched decode reads / writes it in place)."""
+        if self.state_pool is None or self.state_pool.dtype != self.dtype or self.state_pool.device != self.device:
+            self.state_pool = StatePool(self.cfg, self.dtype, self.device)
+        return self.state_pool.new_state()
 
     # ---- step API ----------------------------------------------------------------------------
     def begin_step(self, states: list[SequenceState], token_ids: list[torch.Tensor]) -> tuple[torch.Tensor, StepBatch]:
         batch = StepBatch.build(states, token_ids, self.device)
         if int(batch.token_ids.max()) >= self.cfg.vocab_size or int(batch.token_ids.min()) < 0:
             raise ValueError(f"token id out of range [0, {self.cfg.vocab_size})")
-        batch.rope["main"] = rope_cos_sin(self.main_inv_freq, batch.positions, self.cfg.main_rope.attention_factor)
-        batch.rope["compress"] = rope_cos_sin(self.compress_inv_freq, batch.positions,
+        batch.rope["main"] = rope_cis(self.main_inv_freq, batch.positions, self.cfg.main_rope.attention_factor)
+        batch.rope["compress"] = rope_cis(self.compress_inv_freq, batch.positions,
                                               self.cfg.compress_rope.attention_factor)
+        if batch.decode_segments:
+            dec_states = [states[k] for k in batch.decode_segments]
+            batch.decode = DecodeMeta.build(dec_states, batch.positions[batch.decode_rows], self.cfg.sliding_window)
         h = self.embed(batch.token_ids)                                          # [T, hidden]
         return h.unsqueeze(1).expand(-1, self.cfg.hc_mult, -1).contiguous(), batch
 

@@ -20,7 +20,7 @@ from .compressor import RMSNormWeight
 from .config import MOE, SLIDING, ModelConfig
 from .dense import Block, hc_merge, hc_weights
 from .moe import ExpertBank
-from .ops import rms_norm, rope_cos_sin, rope_inv_freq
+from .ops import rms_norm, rope_cis, rope_inv_freq
 from .state import SequenceState
 
 
@@ -55,7 +55,7 @@ class MTPLayer(nn.Module):
         from .batch import StepBatch
 
         batch = StepBatch.build([state], [next_ids])
-        batch.rope["main"] = rope_cos_sin(self.main_inv_freq, batch.positions, self.cfg.main_rope.attention_factor)
+        batch.rope["main"] = rope_cis(self.main_inv_freq, batch.positions, self.cfg.main_rope.attention_factor)
         batch.rope["compress"] = batch.rope["main"]
         x = self.e_proj(self.enorm(embed(next_ids))) + self.h_proj(self.hnorm(hidden))
         h = x.unsqueeze(1).expand(-1, self.cfg.hc_mult, -1).contiguous()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -11,11 +12,10 @@ from .config import RopeSpec
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """RMSNorm computed in float32; the (float32) weight multiplies before the cast back."""
+    """RMSNorm computed in float32; the (float32) weight multiplies after the normalisation, before
+    the cast back: x * rsqrt(mean(x^2) + eps) * w."""
     xf = x.float()
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    if weight is not None:
-        y = weight.float() * y
+    y = F.rms_norm(xf, (xf.shape[-1],), None if weight is None else weight.float(), eps)
     return y.to(x.dtype)
 
 
@@ -28,6 +28,27 @@ def stable_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     """
     k = min(k, scores.shape[-1])
     return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+def sinkhorn(comb: torch.Tensor, num_iters: int, eps: float) -> torch.Tensor:
+    """Alternately normalise the columns then the rows of comb [..., n, n] (float32), starting and
+    ending with columns: `num_iters` column passes and `num_iters - 1` row passes, each x / (sum + eps).
+
+    The matrices are tiny (hc x hc per token) and the loop is pure per-op overhead, so on CPU it
+    runs in numpy in place (same float32 arithmetic, bitwise equal, ~3x faster than torch ops)."""
+    if comb.device.type == "cpu" and comb.dtype == torch.float32:
+        a = comb.detach().numpy().copy()
+        e = np.float32(eps)
+        a /= a.sum(axis=-2, keepdims=True) + e
+        for _ in range(num_iters - 1):
+            a /= a.sum(axis=-1, keepdims=True) + e
+            a /= a.sum(axis=-2, keepdims=True) + e
+        return torch.from_numpy(a)
+    comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
+    for _ in range(num_iters - 1):
+        comb = comb / (comb.sum(dim=-1, keepdim=True) + eps)
+        comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
+    return comb
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
@@ -77,25 +98,27 @@ def rope_inv_freq(spec: RopeSpec, rope_dim: int) -> torch.Tensor:
     return interpolation * (1 - keep) + extrapolation * keep
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, scale: float = 1.0,
-                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos / sin for `positions` [...]: each [..., rope_dim // 2]."""
+def rope_cis(inv_freq: torch.Tensor, positions: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """scale * e^{i θ} for `positions` [...]: complex64 [..., rope_dim // 2], θ = position * inv_freq."""
     freqs = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device)
-    return (freqs.cos() * scale).to(dtype), (freqs.sin() * scale).to(dtype)
+    return torch.complex(freqs.cos() * scale, freqs.sin() * scale)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Interleaved RoPE on the TRAILING 2*cos.shape[-1] channels of x.
+def rope_(x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
+    """Interleaved RoPE on the TRAILING 2*cis.shape[-1] channels of x, IN PLACE (returns x).
 
-    x: [..., S, (heads,) D]; cos / sin broadcast against x without its last dim, i.e. [..., S, half]
-    with a head axis inserted by the caller when x has one. Pairs are (x[2i], x[2i+1]) of the rope
-    slice, rotated as the complex number x[2i] + i x[2i+1] times e^{i θ}. Math in float32.
-    Passing -sin applies the inverse rotation (used on the attention output).
-    """
-    half = cos.shape[-1]
-    nope, rope = x[..., : x.shape[-1] - 2 * half], x[..., x.shape[-1] - 2 * half:]
-    r = rope.float().unflatten(-1, (half, 2))
-    a, b = r[..., 0], r[..., 1]
-    c, s = cos.float(), sin.float()
-    rotated = torch.stack((a * c - b * s, b * c + a * s), dim=-1).flatten(-2).to(x.dtype)
-    return torch.cat([nope, rotated], dim=-1)
+    x: [..., S, (heads,) D], owned by the caller; cis (complex64, see rope_cis) broadcasts against x
+    without its last dim, i.e. [..., S, half] with a head axis inserted by the caller when x has one.
+    Pairs (x[2i], x[2i+1]) of the rope slice are rotated as the complex number x[2i] + i x[2i+1]
+    times cis: (a c - b s) + i (b c + a s), in float32. `cis.conj()` applies the inverse rotation
+    (used on the attention output)."""
+    half = cis.shape[-1]
+    split = x.shape[-1] - 2 * half
+    rope = x[..., split:]
+    if x.dtype == torch.float32 and x.stride(-1) == 1 and split % 2 == 0 and all(
+            st % 2 == 0 for st in x.stride()[:-1]) and x.storage_offset() % 2 == 0:
+        torch.view_as_complex(rope.unflatten(-1, (half, 2))).mul_(cis)     # float32 storage as complex64
+        return x
+    pairs = torch.view_as_complex(rope.float().unflatten(-1, (half, 2)).contiguous()) * cis
+    rope.copy_(torch.view_as_real(pairs).flatten(-2))
+    return x

@@ -5,7 +5,8 @@ Owns: the tensors of one sequence across all layers. The model mutates a state o
 exports / imports / clones.
 
 Per layer (DESIGN.md §2):
-- window: the last `sliding_window - 1` K=V latents, rope applied ([<= W-1, head_dim]).
+- window: the last `sliding_window - 1` K=V latents, rope applied ([<= W-1, head_dim]; kept in a
+  ring buffer of W slots, see LayerState).
 - compressor (CSA / HCA layers) and indexer (CSA layers): compressed entries (one per `rate`
   tokens), the < rate raw projected tokens not yet compressed (`tail_kv`, `tail_gate`, gate without
   the position bias), and for the overlapping CSA pooling the Ca half of the last full window
@@ -19,6 +20,7 @@ Export names (the KV service stores these): "num_tokens" (int64 scalar) and per 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -26,29 +28,77 @@ from .config import CSA, HCA, SLIDING, ModelConfig
 
 
 class CompressorState:
-    """State of one compressor (CSA / HCA main compressor or the CSA Lightning Indexer's)."""
+    """State of one compressor (CSA / HCA main compressor or the CSA Lightning Indexer's).
+
+    Fixed-size parts live in fixed buffers so that a decode step updates them in place and a batch
+    of pooled sequences is read with one indexed op: the tail [rate, in_dim] (rows [0, num_tail)
+    valid) and the overlap [rate, dim] (valid once num_entries > 0; until then its gate is -inf,
+    which is exactly "no previous window" for the pooling). Entries grow: a capacity-doubling
+    buffer, or for a pooled state pages of the StatePool (`_paged` = (pool, (layer, name), page
+    ids shared by every layer of this rate))."""
 
     def __init__(self, rate: int, dim: int, in_dim: int, is_overlapping: bool,
-                 dtype: torch.dtype, device: torch.device | str):
+                 dtype: torch.dtype, device: torch.device | str, fixed_device: torch.device | str | None = None):
         self.rate = rate                    # tokens per entry
         self.dim = dim                      # entry width
         self.in_dim = in_dim                # projected width per token (2*dim when overlapping)
         self.is_overlapping = is_overlapping
         self._entries = torch.empty(0, dim, dtype=dtype, device=device)  # capacity-doubling buffer
+        self._paged: tuple[Any, tuple[int, str], list[int]] | None = None
         self.num_entries = 0
-        self.tail_kv = torch.empty(0, in_dim, dtype=dtype, device=device)    # [< rate, in_dim]
-        self.tail_gate = torch.empty(0, in_dim, dtype=dtype, device=device)  # [< rate, in_dim]
-        self.overlap_kv: torch.Tensor | None = None    # [rate, dim] Ca half of the last full window
-        self.overlap_gate: torch.Tensor | None = None  # [rate, dim] (position bias included)
+        fixed = device if fixed_device is None else fixed_device   # "meta" when a StatePool attaches them
+        self._tail_kv = torch.zeros(rate, in_dim, dtype=dtype, device=fixed)    # rows [0, num_tail)
+        self._tail_gate = torch.zeros(rate, in_dim, dtype=dtype, device=fixed)  # gate without the bias
+        self.num_tail = 0
+        ov = rate if is_overlapping else 0
+        self._overlap_kv = torch.zeros(ov, dim, dtype=dtype, device=fixed)      # Ca half of the last window
+        self._overlap_gate = torch.full((ov, dim), float("-inf"), dtype=dtype, device=fixed)  # bias included
 
     @property
     def entries(self) -> torch.Tensor:
-        """[num_entries, dim] (a view into the growth buffer)."""
+        """[num_entries, dim] (a view of the growth buffer; a copy gathered from pages when pooled)."""
+        if self._paged is not None:
+            pool, key, pages = self._paged
+            return pool.read_entries(key, pages, self.num_entries)
         return self._entries[: self.num_entries]
+
+    @property
+    def tail_kv(self) -> torch.Tensor:
+        """[num_tail < rate, in_dim] projected tokens not yet pooled (a view)."""
+        return self._tail_kv[: self.num_tail]
+
+    @property
+    def tail_gate(self) -> torch.Tensor:
+        return self._tail_gate[: self.num_tail]
+
+    @property
+    def overlap_kv(self) -> torch.Tensor | None:
+        """[rate, dim] Ca half of the last full window, None before the first one."""
+        return self._overlap_kv if self.is_overlapping and self.num_entries else None
+
+    @property
+    def overlap_gate(self) -> torch.Tensor | None:
+        return self._overlap_gate if self.is_overlapping and self.num_entries else None
+
+    def set_tail(self, kv: torch.Tensor, gate: torch.Tensor) -> None:
+        """Replace the tail by `kv` / `gate` ([< rate, in_dim])."""
+        n = kv.shape[0]
+        self._tail_kv[:n] = kv
+        self._tail_gate[:n] = gate
+        self.num_tail = n
+
+    def set_overlap(self, kv: torch.Tensor, gate: torch.Tensor) -> None:
+        self._overlap_kv.copy_(kv)
+        self._overlap_gate.copy_(gate)
 
     def append_entries(self, new: torch.Tensor) -> None:
         n_new = new.shape[0]
         if n_new == 0:
+            return
+        if self._paged is not None:
+            pool, key, pages = self._paged
+            pool.write_entries(key, pages, self.num_entries, new)
+            self.num_entries += n_new
             return
         need = self.num_entries + n_new
         if need > self._entries.shape[0]:
@@ -64,11 +114,12 @@ class CompressorState:
         out[f"{prefix}.tail_kv"] = self.tail_kv.clone()
         out[f"{prefix}.tail_gate"] = self.tail_gate.clone()
         if self.is_overlapping:
-            empty = self.tail_kv.new_empty(0, self.dim)
+            empty = self._entries.new_empty(0, self.dim)
             out[f"{prefix}.overlap_kv"] = empty if self.overlap_kv is None else self.overlap_kv.clone()
             out[f"{prefix}.overlap_gate"] = empty if self.overlap_gate is None else self.overlap_gate.clone()
 
     def load(self, prefix: str, t: dict[str, torch.Tensor], num_tokens: int) -> None:
+        """Fill this fresh compressor state from export() tensors of a `num_tokens` state."""
         def get(name: str, shape: tuple[int, ...]) -> torch.Tensor:
             key = f"{prefix}.{name}"
             if key not in t:
@@ -79,32 +130,76 @@ class CompressorState:
             return v.to(dtype=self._entries.dtype, device=self._entries.device)
 
         n, r = num_tokens // self.rate, num_tokens % self.rate
-        self.num_entries = 0
-        self._entries = self._entries[:0]
-        self.append_entries(get("entries", (n, self.dim)))
-        self.tail_kv = get("tail_kv", (r, self.in_dim)).clone()
-        self.tail_gate = get("tail_gate", (r, self.in_dim)).clone()
+        entries = get("entries", (n, self.dim))
+        tail_kv, tail_gate = get("tail_kv", (r, self.in_dim)), get("tail_gate", (r, self.in_dim))
         if self.is_overlapping:
             m = self.rate if n > 0 else 0
             ov_kv, ov_gate = get("overlap_kv", (m, self.dim)), get("overlap_gate", (m, self.dim))
-            self.overlap_kv = ov_kv.clone() if m else None
-            self.overlap_gate = ov_gate.clone() if m else None
+        if self.num_entries:
+            raise ValueError("load() needs a fresh state")
+        self.append_entries(entries)
+        self.set_tail(tail_kv, tail_gate)
+        if self.is_overlapping and n > 0:
+            self.set_overlap(ov_kv, ov_gate)
 
     def clone(self) -> "CompressorState":
+        """A standalone deep copy (never pooled)."""
         c = CompressorState.__new__(CompressorState)
         c.__dict__.update(self.__dict__)
-        c._entries = self.entries.clone()
-        c.tail_kv, c.tail_gate = self.tail_kv.clone(), self.tail_gate.clone()
-        c.overlap_kv = None if self.overlap_kv is None else self.overlap_kv.clone()
-        c.overlap_gate = None if self.overlap_gate is None else self.overlap_gate.clone()
+        c._entries, c._paged = self.entries.clone(), None
+        c._tail_kv, c._tail_gate = self._tail_kv.clone(), self._tail_gate.clone()
+        c._overlap_kv, c._overlap_gate = self._overlap_kv.clone(), self._overlap_gate.clone()
         return c
 
 
-@dataclass
 class LayerState:
-    window: torch.Tensor                       # [<= W-1, head_dim]
-    comp: CompressorState | None = None
-    index: CompressorState | None = None
+    """One layer's state: the sliding window as a ring buffer, and the layer's compressors.
+
+    The token at position p keeps its K=V latent in slot p % W of `ring` [W, head_dim]; the ring
+    holds the last min(num_tokens, W) latents. Attention is a set operation (the values are the keys,
+    and a decode query sees every window key), so a decode step writes its latent into its slot and
+    attends over the whole ring without reordering it."""
+
+    def __init__(self, window_size: int, head_dim: int, dtype: torch.dtype, device: torch.device | str,
+                 comp: CompressorState | None = None, index: CompressorState | None = None):
+        self.ring = torch.zeros(window_size, head_dim, dtype=dtype, device=device)   # [W, D] ("meta": pooled)
+        self.num_tokens = 0          # tokens this layer has seen (their latents went through the ring)
+        self.comp = comp
+        self.index = index
+
+    @property
+    def window_size(self) -> int:
+        return self.ring.shape[0]
+
+    def window_positions(self, count: int) -> torch.Tensor:
+        """Positions of the last `count` tokens seen, oldest first."""
+        return torch.arange(self.num_tokens - count, self.num_tokens, device=self.ring.device)
+
+    @property
+    def window(self) -> torch.Tensor:
+        """[min(num_tokens, W-1), D]: the last W-1 latents in position order (a copy)."""
+        count = min(self.num_tokens, self.window_size - 1)
+        return self.ring[self.window_positions(count) % self.window_size]
+
+    def write_window(self, latents: torch.Tensor) -> None:
+        """Append the latents of the next S tokens ([S, D], positions num_tokens..) to the ring."""
+        S, W = latents.shape[0], self.window_size
+        keep = min(S, W)
+        slots = torch.arange(self.num_tokens + S - keep, self.num_tokens + S, device=self.ring.device) % W
+        self.ring[slots] = latents[S - keep:]
+        self.num_tokens += S
+
+    def set_window(self, window: torch.Tensor, num_tokens: int) -> None:
+        """Restore: `window` holds the latents of the last len(window) tokens before `num_tokens`."""
+        self.num_tokens = num_tokens - window.shape[0]
+        self.write_window(window)
+
+    def clone(self) -> "LayerState":
+        c = LayerState.__new__(LayerState)
+        c.ring, c.num_tokens = self.ring.clone(), self.num_tokens
+        c.comp = None if self.comp is None else self.comp.clone()
+        c.index = None if self.index is None else self.index.clone()
+        return c
 
 
 @dataclass
@@ -117,29 +212,35 @@ class SequenceState:
     dtype: torch.dtype = torch.float32
     device: torch.device | str = "cpu"
     extra: dict = field(default_factory=dict)  # owner-specific tags (e.g. a request id); not exported
+    pool: Any = None                           # the StatePool whose slot `slot` holds the fixed buffers
+    slot: int = -1
+    pages: dict = field(default_factory=dict)  # pooled: rate -> entry page ids (shared by that rate's layers)
 
     @classmethod
     def new(cls, cfg: ModelConfig, dtype: torch.dtype = torch.float32,
-            device: torch.device | str = "cpu") -> "SequenceState":
+            device: torch.device | str = "cpu", allocate: bool = True) -> "SequenceState":
+        """A fresh standalone state (`allocate=False`: ring / tail buffers left on "meta" for a StatePool)."""
         layers = []
+        W, D, fixed = cfg.sliding_window, cfg.head_dim, (device if allocate else "meta")
         for layer_type in cfg.layer_types:
-            window = torch.empty(0, cfg.head_dim, dtype=dtype, device=device)
             if layer_type == SLIDING:
-                layers.append(LayerState(window))
+                layers.append(LayerState(W, D, dtype, fixed))
             elif layer_type == HCA:
-                layers.append(LayerState(window, CompressorState(cfg.hca_rate, cfg.head_dim, cfg.head_dim, False, dtype, device)))
+                layers.append(LayerState(W, D, dtype, fixed,
+                                         CompressorState(cfg.hca_rate, D, D, False, dtype, device, fixed)))
             else:
                 layers.append(LayerState(
-                    window,
-                    CompressorState(cfg.csa_rate, cfg.head_dim, 2 * cfg.head_dim, True, dtype, device),
-                    CompressorState(cfg.csa_rate, cfg.index_head_dim, 2 * cfg.index_head_dim, True, dtype, device)))
+                    W, D, dtype, fixed,
+                    CompressorState(cfg.csa_rate, D, 2 * D, True, dtype, device, fixed),
+                    CompressorState(cfg.csa_rate, cfg.index_head_dim, 2 * cfg.index_head_dim, True, dtype, device,
+                                    fixed)))
         return cls(cfg, layers, 0, dtype, device)
 
     def export(self) -> dict[str, torch.Tensor]:
         """Named tensors (copies) describing this state exactly; see the module docstring."""
         out: dict[str, torch.Tensor] = {"num_tokens": torch.tensor(self.num_tokens, dtype=torch.int64)}
         for i, layer in enumerate(self.layers):
-            out[f"{i}.window"] = layer.window.clone()
+            out[f"{i}.window"] = layer.window
             if layer.comp is not None:
                 layer.comp.export(f"{i}.comp", out)
             if layer.index is not None:
@@ -149,29 +250,34 @@ class SequenceState:
     @classmethod
     def from_export(cls, cfg: ModelConfig, tensors: dict[str, torch.Tensor],
                     dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> "SequenceState":
-        """Rebuild a state from `export()` output; shapes are checked against the config."""
+        """A standalone state rebuilt from `export()` output; shapes are checked against the config."""
+        state = cls.new(cfg, dtype, device)
+        state.load(tensors)
+        return state
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Overwrite this (fresh) state with `export()` output, in place (a pooled state keeps its slot)."""
         if "num_tokens" not in tensors:
             raise KeyError("state tensor 'num_tokens' missing")
-        state = cls.new(cfg, dtype, device)
+        cfg = self.config
         n = int(tensors["num_tokens"])
-        state.num_tokens = n
         w = min(n, cfg.sliding_window - 1)
-        for i, layer in enumerate(state.layers):
+        for i in range(len(self.layers)):  # check every window before changing anything
             win = tensors.get(f"{i}.window")
             if win is None:
                 raise KeyError(f"state tensor '{i}.window' missing")
             if tuple(win.shape) != (w, cfg.head_dim):
                 raise ValueError(f"state tensor '{i}.window' has shape {tuple(win.shape)}, expected {(w, cfg.head_dim)}")
-            layer.window = win.to(dtype=dtype, device=device).clone()
+        for i, layer in enumerate(self.layers):
+            layer.set_window(tensors[f"{i}.window"].to(dtype=self.dtype, device=self.device), n)
             if layer.comp is not None:
                 layer.comp.load(f"{i}.comp", tensors, n)
             if layer.index is not None:
                 layer.index.load(f"{i}.index", tensors, n)
-        return state
+        self.num_tokens = n
 
     def clone(self) -> "SequenceState":
-        layers = [LayerState(l.window.clone(), None if l.comp is None else l.comp.clone(),
-                             None if l.index is None else l.index.clone()) for l in self.layers]
+        layers = [layer.clone() for layer in self.layers]
         return SequenceState(self.config, layers, self.num_tokens, self.dtype, self.device, dict(self.extra))
 
     def num_bytes(self) -> int:

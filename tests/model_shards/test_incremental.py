@@ -134,3 +134,19 @@ def test_expert_bank_subset_computes_its_share(model):
     assert rel_err(banks[0](1, x, ids, w) + banks[1](1, x, ids, w), whole) <= 1e-5
     only_first = banks[0](1, x, ids, w * torch.isin(ids, torch.tensor(parts[0])))
     assert torch.equal(only_first, banks[0](1, x, ids, w))      # a bank ignores experts it does not hold
+
+
+def test_expert_bank_grouped_mm_equals_per_expert_loop(model):
+    bank, cfg = model.experts, model.config
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(9, cfg.hidden_size, generator=gen)
+    ids = torch.stack([torch.randperm(cfg.n_routed_experts, generator=gen)[: cfg.num_experts_per_tok] for _ in range(9)])
+    w = torch.rand(9, cfg.num_experts_per_tok, generator=gen)
+    assert bank._can_grouped_mm(x)            # CPU: the one-call path is the default
+    grouped = bank(2, x, ids, w)
+    bank._is_grouped_mm_ok = False
+    try:
+        looped = bank(2, x, ids, w)
+    finally:
+        bank._is_grouped_mm_ok = True
+    assert rel_err(grouped, looped) <= 1e-6

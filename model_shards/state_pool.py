@@ -1,0 +1,154 @@
+"""StatePool: slot and page storage for many sequences' states (the paged KV of the router).
+
+Owns, on the model's device:
+- per layer the window rings [num_slots, W, head_dim];
+- per compressor (layer, "comp" | "index") the tail buffers [num_slots, rate, in_dim] (kv, gate)
+  and, for CSA, the overlap buffers [num_slots, rate, dim] (kv, gate);
+- per compressor the entry pages [num_pages(rate), page_size, dim]. Page ids are allocated per
+  compression rate and shared by every compressor of that rate (they all hold the same number of
+  entries), so one page table per rate serves every layer. Page 0 is a zero page for padding.
+A SequenceState made by `new_state()` takes a slot: its ring / tail / overlap tensors are views of
+the slot's rows and its entries live in its pages, so code that treats a state as standalone
+tensors still works, while a decode step over B pooled sequences reads and writes all of them with
+one indexed op per tensor (see batch.DecodeMeta). The slot and pages are given back when the state
+is garbage collected (clones and `SequenceState.from_export` states are standalone). Growth doubles
+a buffer: slot views of live states are re-pointed; pages are addressed by id, so they need nothing.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from .config import ModelConfig
+from .state import SequenceState
+
+PAGE_SIZE = 64  # entries per page
+
+
+class StatePool:
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str,
+                 num_slots: int = 8, page_size: int = PAGE_SIZE, num_pages: int = 64):
+        self.cfg, self.dtype, self.device, self.page_size = cfg, dtype, torch.device(device), page_size
+        proto = SequenceState.new(cfg, dtype, "meta")       # shapes only
+        self._ring_shapes = [tuple(layer.ring.shape) for layer in proto.layers]
+        self._comps = {(i, name): cs for i, layer in enumerate(proto.layers) for name, cs in _compressors(layer)}
+        self.rates = sorted({cs.rate for cs in self._comps.values()})
+        self.rings: list[torch.Tensor] = []
+        self.tails: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.overlaps: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.pages: dict[tuple[int, str], torch.Tensor] = {}
+        self._live: weakref.WeakValueDictionary[int, SequenceState] = weakref.WeakValueDictionary()
+        self._free_slots: list[int] = []
+        self._free_pages: dict[int, list[int]] = {r: [] for r in self.rates}
+        self.num_slots = 0
+        self.num_pages = {r: 0 for r in self.rates}
+        self._grow_slots(num_slots)
+        for r in self.rates:
+            self._grow_pages(r, num_pages)
+
+    # ---- states -------------------------------------------------------------------------------
+    def new_state(self) -> SequenceState:
+        """A fresh state whose fixed buffers are views of a reset slot and whose entries are paged."""
+        if not self._free_slots:
+            self._grow_slots(2 * self.num_slots)
+        slot = self._free_slots.pop()
+        state = SequenceState.new(self.cfg, self.dtype, self.device, allocate=False)
+        for i in range(len(self.rings)):
+            self.rings[i][slot].zero_()   # padding rows must hold finite values (0 * nan = nan)
+        for kv, gate in self.overlaps.values():
+            kv[slot].zero_()
+            gate[slot].fill_(float("-inf"))   # "no previous window"
+        state.pool, state.slot, state.pages = self, slot, {r: [] for r in self.rates}
+        self._attach(state, slot)
+        self._live[slot] = state
+        weakref.finalize(state, self._release, slot, state.pages)
+        return state
+
+    @property
+    def num_free_slots(self) -> int:
+        return len(self._free_slots)
+
+    def num_free_pages(self, rate: int) -> int:
+        return len(self._free_pages[rate])
+
+    def _release(self, slot: int, pages: dict[int, list[int]]) -> None:
+        self._free_slots.append(slot)
+        for rate, ids in pages.items():
+            self._free_pages[rate].extend(ids)
+
+    def _attach(self, state: SequenceState, slot: int) -> None:
+        for i, layer in enumerate(state.layers):
+            layer.ring = self.rings[i][slot]
+            for name, cs in _compressors(layer):
+                kv, gate = self.tails[(i, name)]
+                cs._tail_kv, cs._tail_gate = kv[slot], gate[slot]
+                if (i, name) in self.overlaps:
+                    kv, gate = self.overlaps[(i, name)]
+                    cs._overlap_kv, cs._overlap_gate = kv[slot], gate[slot]
+                cs._paged = (self, (i, name), state.pages[cs.rate])
+
+    # ---- entry pages ----------------------------------------------------------------------------
+    def ensure_pages(self, pages: list[int], rate: int, num_entries: int) -> None:
+        """Grow a sequence's page list (shared by its compressors of `rate`) to hold num_entries."""
+        while len(pages) * self.page_size < num_entries:
+            if not self._free_pages[rate]:
+                self._grow_pages(rate, 2 * self.num_pages[rate])
+            pages.append(self._free_pages[rate].pop())
+
+    def write_entries(self, key: tuple[int, str], pages: list[int], start: int, new: torch.Tensor) -> None:
+        """Entries [n, dim] at indices start.. of one compressor of one sequence."""
+        P, n = self.page_size, new.shape[0]
+        self.ensure_pages(pages, self._comps[key].rate, start + n)
+        store = self.pages[key]
+        done = 0
+        while done < n:  # one copy per page touched
+            j = start + done
+            take = min(P - j % P, n - done)
+            store[pages[j // P], j % P: j % P + take] = new[done: done + take]
+            done += take
+
+    def read_entries(self, key: tuple[int, str], pages: list[int], num_entries: int) -> torch.Tensor:
+        """[num_entries, dim] gathered from the pages (a copy)."""
+        store = self.pages[key]
+        num_pages = -(-num_entries // self.page_size)
+        ids = torch.tensor(pages[:num_pages], dtype=torch.int64, device=self.device)
+        return store[ids].flatten(0, 1)[:num_entries]
+
+    # ---- growth ---------------------------------------------------------------------------------
+    def _alloc(self, num: int, shape: tuple[int, ...], prev: torch.Tensor | None, fill: float = 0.0) -> torch.Tensor:
+        t = torch.full((num, *shape), fill, dtype=self.dtype, device=self.device)
+        if prev is not None:
+            t[: prev.shape[0]] = prev
+        return t
+
+    def _grow_slots(self, num_slots: int) -> None:
+        old = self.num_slots
+        self.rings = [self._alloc(num_slots, shape, self.rings[i] if old else None)
+                      for i, shape in enumerate(self._ring_shapes)]
+        for key, cs in self._comps.items():
+            prev = self.tails.get(key, (None, None))
+            self.tails[key] = (self._alloc(num_slots, (cs.rate, cs.in_dim), prev[0]),
+                               self._alloc(num_slots, (cs.rate, cs.in_dim), prev[1]))
+            if cs.is_overlapping:
+                prev = self.overlaps.get(key, (None, None))
+                self.overlaps[key] = (self._alloc(num_slots, (cs.rate, cs.dim), prev[0]),
+                                      self._alloc(num_slots, (cs.rate, cs.dim), prev[1], float("-inf")))
+        for slot, state in list(self._live.items()):
+            self._attach(state, slot)
+        self._free_slots = list(range(num_slots - 1, old - 1, -1)) + self._free_slots
+        self.num_slots = num_slots
+
+    def _grow_pages(self, rate: int, num_pages: int) -> None:
+        old = self.num_pages[rate]
+        for key, cs in self._comps.items():
+            if cs.rate == rate:
+                self.pages[key] = self._alloc(num_pages, (self.page_size, cs.dim), self.pages.get(key))
+        # page 0 stays a zero page (padding of page tables)
+        self._free_pages[rate] = list(range(num_pages - 1, max(old, 1) - 1, -1)) + self._free_pages[rate]
+        self.num_pages[rate] = num_pages
+
+
+def _compressors(layer) -> list[tuple[str, object]]:
+    return [(name, cs) for name, cs in (("comp", layer.comp), ("index", layer.index)) if cs is not None]
