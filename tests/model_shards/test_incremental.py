@@ -150,3 +150,15 @@ def test_expert_bank_grouped_mm_equals_per_expert_loop(model):
     finally:
         bank._is_grouped_mm_ok = True
     assert rel_err(grouped, looped) <= 1e-6
+
+
+def test_query_block_size_does_not_change_prefill(model, monkeypatch):
+    """GPUs use larger query blocks (Attention.QUERY_BLOCK_GPU); blocking must not change the math."""
+    from model_shards.attention import Attention
+    ids = random_ids(300, model.config.vocab_size, seed=21)
+    small_blocks = model(ids.unsqueeze(0))[0]
+    monkeypatch.setattr(Attention, "QUERY_BLOCK", Attention.QUERY_BLOCK_GPU)
+    one_block = model(ids.unsqueeze(0))[0]
+    monkeypatch.setattr(Attention, "QUERY_BLOCK", 7)
+    odd_blocks = model(ids.unsqueeze(0))[0]
+    assert rel_err(one_block, small_blocks) <= 1e-5 and rel_err(odd_blocks, small_blocks) <= 1e-5
