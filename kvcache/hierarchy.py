@@ -10,9 +10,12 @@ writer and the per-tier counters. Policy:
   them, Redis evictions (GET+DEL) to the disk.
 - get: tiers in order; a hit below the device is decoded (tensors borrowed from the fetched
   bytes, no copy), verified and promoted: into the device synchronously (which copies what it
-  keeps), into the byte tiers above it through the writer.
+  keeps), into the byte tiers above it through the writer. With ``defer_verify`` (the restore
+  path) the checksum pass and the promotion wait for `settle`, which the caller runs on each
+  record right before it copies the record's bytes (so they are read from memory once).
 - a record failing verification (`RecordError`) is deleted from its tier, counted as corrupt,
-  and the search continues below: a miss, never a wrong answer.
+  and the search continues below: a miss, never a wrong answer. (A deferred check that fails in
+  `settle` deletes and counts the same way; the caller then asks again.)
 - index records (checkpoint offsets of one block) are merged by union when written and read
   as the union over all tiers, so checkpoints committed by other processes are found.
 """
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvcache.checksum import DEFAULT_ALGORITHM as DEFAULT_CHECKSUM
 from kvcache.keys import INDEX_PREFIX
 from kvcache.record import Record, RecordError, decode_record, encode_record
 from kvcache.stats import TierCounters, TierStats
@@ -41,6 +45,7 @@ class Hit:
     record: Record
     tier: str
     num_bytes: int
+    pending: tuple[int, str, object] | None = None  # (tier depth, key, fetched bytes) until `settle`
 
 
 class _Pending:
@@ -80,7 +85,7 @@ def index_offsets(record: Record | None) -> set[int]:
 
 
 class TierStack:
-    def __init__(self, tiers: Sequence[Tier], fingerprint: str, *, checksum: str = "crc32",
+    def __init__(self, tiers: Sequence[Tier], fingerprint: str, *, checksum: str = DEFAULT_CHECKSUM,
                  max_pending_bytes: int = 1 << 30):
         if not tiers or tiers[0].stores_bytes or any(not t.stores_bytes for t in tiers[1:]):
             raise ValueError("the first tier must be the device tier, the others byte tiers")
@@ -96,26 +101,49 @@ class TierStack:
 
     # -- reads --------------------------------------------------------------------------------
 
-    def get_many(self, keys: Sequence[str]) -> list[Hit | None]:
+    def get_many(self, keys: Sequence[str], *, defer_verify: bool = False) -> list[Hit | None]:
         """First valid copy of each key, promoting hits from lower tiers (keys in LRU order:
-        the last key ends most recently used)."""
+        the last key ends most recently used). With `defer_verify`, hits from byte tiers come
+        back parsed but with their checksum pass and promotion pending: call `settle` on each
+        before using its bytes."""
+        return self.fetch([], keys, defer_verify=defer_verify)[1]
+
+    def get_index_offsets(self, keys: Sequence[str]) -> list[set[int]]:
+        """Union of the checkpoint offsets stored under each index key in every tier."""
+        return self.fetch(keys, [])[0]
+
+    def fetch(self, index_keys: Sequence[str], keys: Sequence[str], *, defer_verify: bool = False
+              ) -> tuple[list[set[int]], list[Hit | None]]:
+        """`get_index_offsets(index_keys)` and `get_many(keys)` together, in ONE read per tier
+        (one pipelined MGET for Redis): the index keys first, then the keys its tiers above lacked."""
+        offsets: list[set[int]] = [set() for _ in index_keys]
         hits: list[Hit | None] = [None] * len(keys)
         pending = list(range(len(keys)))
         for depth, tier in enumerate(self.tiers):
-            if not pending or not tier.is_available():
+            if not (pending or index_keys) or not tier.is_available():
                 continue
             start = time.perf_counter()
-            values = self._tier_get(tier, [keys[i] for i in pending])
+            values = self._tier_get(tier, [*index_keys, *(keys[i] for i in pending)])
+            for i, value in enumerate(values[:len(index_keys)]):
+                if value is not None:
+                    record = value if not tier.stores_bytes else self._decode(tier, index_keys[i], value)
+                    offsets[i] |= index_offsets(record)
+            if not pending:
+                continue
             promoted = []
-            for i, value in zip(pending, values):
+            for i, value in zip(pending, values[len(index_keys):]):
                 if value is None:
                     continue
                 if depth == 0:
                     hits[i] = Hit(value, tier.name, value.num_bytes)
                     continue
-                record = self._decode(tier, keys[i], value)
-                if record is not None:
-                    hits[i] = Hit(record, tier.name, memoryview(value).nbytes)
+                record = self._decode(tier, keys[i], value, verify=not defer_verify)
+                if record is None:
+                    continue
+                hits[i] = Hit(record, tier.name, memoryview(value).nbytes)
+                if defer_verify:
+                    hits[i].pending = (depth, keys[i], value)
+                else:
                     promoted.append(_Pending(keys[i], record, value))
             remaining = [i for i in pending if hits[i] is None]
             num_bytes = sum(hits[i].num_bytes for i in pending if hits[i] is not None)
@@ -124,9 +152,9 @@ class TierStack:
             if promoted:
                 self._promote(depth, promoted)
             pending = remaining
-        if len(self.tiers) > 1:  # the device's LRU order follows `keys`, wherever each hit came from
+        if keys and len(self.tiers) > 1:  # the device's LRU order follows `keys`, wherever each hit came from
             self.device.touch_many([key for key, hit in zip(keys, hits) if hit is not None])
-        return hits
+        return offsets, hits
 
     @staticmethod
     def _tier_get(tier: Tier, keys: Sequence[str]) -> list:
@@ -137,16 +165,35 @@ class TierStack:
             log.exception("kvcache: %s tier read failed; treating it as a miss", tier.name)
             return [None] * len(keys)
 
-    def _decode(self, tier: Tier, key: str, value) -> Record | None:
+    def _decode(self, tier: Tier, key: str, value, *, verify: bool = True) -> Record | None:
         try:
-            return decode_record(value, self.fingerprint, expected_key=key, is_borrowed=True)
+            return decode_record(value, self.fingerprint, expected_key=key, is_borrowed=True, verify=verify)
         except RecordError as exc:
-            log.warning("kvcache: %s tier record %s unusable (%s); deleting it", tier.name, key, exc)
-            self.counters[tier.name].add_corrupt(1)
-            tier.delete_many([key])
-            if hasattr(tier, "collect_garbage"):
-                self.writer.submit(tier.collect_garbage)
+            self._drop(tier, key, exc)
             return None
+
+    def _drop(self, tier: Tier, key: str, exc: RecordError) -> None:
+        log.warning("kvcache: %s tier record %s unusable (%s); deleting it", tier.name, key, exc)
+        self.counters[tier.name].add_corrupt(1)
+        tier.delete_many([key])
+        if hasattr(tier, "collect_garbage"):
+            self.writer.submit(tier.collect_garbage)
+
+    def settle(self, hit: Hit) -> bool:
+        """Finish a `get_many(..., defer_verify=True)` hit: verify its record and promote it as
+        `get_many` would have. False if it is corrupt: then it is deleted from its tier and
+        counted, and the caller must not use it (asking again searches the tiers below)."""
+        if hit.pending is None:
+            return True
+        depth, key, value = hit.pending
+        try:
+            hit.record.verify()
+        except RecordError as exc:
+            self._drop(self.tiers[depth], key, exc)
+            return False
+        hit.pending = None
+        self._promote(depth, [_Pending(key, hit.record, value)])
+        return True
 
     def _promote(self, depth: int, items: list[_Pending]) -> None:
         evicted = self.device.put_many([(p.key, p.record(self)) for p in items], is_collecting_evicted=True)
@@ -154,18 +201,6 @@ class TierStack:
             self._submit([_Pending(key, record) for key, record in evicted], first_depth=1)
         if depth > 1:
             self._submit(items, first_depth=1, last_depth=depth - 1)
-
-    def get_index_offsets(self, keys: Sequence[str]) -> list[set[int]]:
-        """Union of the checkpoint offsets stored under each index key in every tier."""
-        offsets: list[set[int]] = [set() for _ in keys]
-        for tier in self.tiers:
-            if not keys or not tier.is_available():
-                continue
-            for i, value in enumerate(self._tier_get(tier, keys)):
-                if value is not None:
-                    record = value if not tier.stores_bytes else self._decode(tier, keys[i], value)
-                    offsets[i] |= index_offsets(record)
-        return offsets
 
     # -- writes -------------------------------------------------------------------------------
 

@@ -1,10 +1,19 @@
 """Cache keys: chained prefix hashes of token blocks, and the checkpoint / index keys built on them.
 
-Owns no state. Every hash is a 16-byte blake2b over length-prefixed fields, so keys are fixed
-width and unambiguous:
+Owns no state. Every hash is 16 bytes (SHA-256, truncated: SHA-NI makes it about twice as fast as
+blake2b here), so keys are fixed width; every hashed field is fixed width or length-prefixed,
+so they are unambiguous. Token ids are hashed as little-endian uint32 (`token_bytes`); a
+sequence holding an id outside [0, 2**32) (no real vocabulary has one) is hashed as int64 under
+another root: never a collision, only no shared keys with its in-range prefixes.
 
-- ``h_0 = H("root", fingerprint, salt)``; ``h_k = H("block", h_{k-1}, tokens of block k-1,
-  fingerprint, salt)``: the hash of the first ``k`` blocks of ``block_tokens`` tokens.
+- ``h_0 = H("root", fingerprint, salt, block_tokens, token width)``; blocks are chained through
+  *anchors* every `GROUP_BLOCKS` (32) blocks: with ``g = (k - 1) // 32``,
+  ``h_k = H("block", fingerprint, salt, h_{32g}, tokens of blocks [32g, k))``: the hash of the
+  first ``k`` blocks of ``block_tokens`` tokens (each ``h_k`` depends on every token before
+  ``k * block_tokens``; its parent is the anchor ``h_{32g}``).
+  `ChainHashes` computes them lazily: an anchor costs one hash call over its 32 blocks, a block
+  inside a group one running-hash step, so a lookup pays per-block work only where it reads
+  per-block keys (the index records of the last blocks), not for every block of a long context.
 - block record key ``"b" + hex(h_k)`` (the entries block ``k-1`` produced);
 - span record key ``"s" + hex(H("span", h_k, n))``: the entries of the ``n`` blocks ``[k-n, k)``
   (spans are aligned: ``k`` is a multiple of ``n``);
@@ -13,8 +22,10 @@ width and unambiguous:
 - index key ``"i" + hex(h_k)``: the record listing the checkpoint offsets in block k (the
   one-letter prefixes keep the namespaces apart).
 
-The salt (per tenant) and the model fingerprint enter every hash, so tenants and models never
-share a key.
+The salt (per tenant) and the model fingerprint enter every hash (span keys through ``h_k``), so
+tenants and models never share a key. Key scheme 2 (this one: SHA-256, uint32 ids, anchors)
+replaced scheme 1 (blake2b over int64 ids, chained block by block) together with record format
+3: records stored under scheme-1 keys are simply never looked up again and age out of the LRU.
 """
 
 from __future__ import annotations
@@ -26,6 +37,8 @@ import numpy as np
 
 DIGEST_BYTES = 16
 BLOCK_TOKENS_MULTIPLE = 128
+GROUP_BLOCKS = 32  # blocks per anchor of the chain (part of the key scheme)
+KEY_SCHEME = 2
 BLOCK_PREFIX, SPAN_PREFIX, CHECKPOINT_PREFIX, INDEX_PREFIX = "b", "s", "c", "i"
 
 
@@ -39,11 +52,23 @@ def validate_block_tokens(block_tokens: int) -> int:
 
 
 def token_array(token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
-    """Token ids as a contiguous little-endian int64 array (the bytes that get hashed)."""
+    """Token ids as a contiguous little-endian int64 array."""
     array = np.ascontiguousarray(np.asarray(token_ids, dtype="<i8"))
     if array.ndim != 1:
         raise ValueError(f"token_ids must be one-dimensional, got shape {array.shape}")
     return array
+
+
+def token_width(tokens: np.ndarray) -> int:
+    """Bytes per hashed token id: 4 when every id is in [0, 2**32) (always, for a real
+    vocabulary), else 8. One width per sequence: it enters the root hash."""
+    return 4 if len(tokens) == 0 or (int(tokens.min()) >= 0 and int(tokens.max()) >> 32 == 0) else 8
+
+
+def token_bytes(tokens: np.ndarray, width: int) -> memoryview:
+    """The bytes hashed for `tokens` at `width` (see `token_width`), as a flat byte view."""
+    array = np.ascontiguousarray(tokens.astype("<u4" if width == 4 else "<i8", copy=False))
+    return memoryview(array).cast("B")
 
 
 def _salt_bytes(salt: str | bytes | None) -> bytes:
@@ -53,40 +78,91 @@ def _salt_bytes(salt: str | bytes | None) -> bytes:
 
 
 def _hash(tag: bytes, *fields: bytes) -> bytes:
-    digest = hashlib.blake2b(tag, digest_size=DIGEST_BYTES)
+    digest = hashlib.sha256(len(tag).to_bytes(8, "little") + tag)
     for value in fields:
         digest.update(len(value).to_bytes(8, "little"))
         digest.update(value)
-    return digest.digest()
+    return digest.digest()[:DIGEST_BYTES]
 
 
-def root_hash(fingerprint: str, salt: str | bytes | None) -> bytes:
-    return _hash(b"root", fingerprint.encode(), _salt_bytes(salt))
+def root_hash(fingerprint: str, salt: str | bytes | None, block_tokens: int = 128, width: int = 4) -> bytes:
+    fields = (fingerprint.encode(), _salt_bytes(salt), block_tokens.to_bytes(8, "little"), width.to_bytes(8, "little"))
+    return _hash(b"root", *fields)
+
+
+class ChainHashes(Sequence):
+    """``[h_0, h_1, ..., h_num_blocks]`` of `tokens` (see the module docstring), computed on
+    first access and kept. Indexing and slicing as a list; `chain_hashes` gives the list."""
+
+    def __init__(self, tokens: np.ndarray, block_tokens: int, fingerprint: str,
+                 salt: str | bytes | None, num_blocks: int):
+        if num_blocks < 0 or num_blocks * block_tokens > len(tokens):
+            raise ValueError(f"{num_blocks} blocks of {block_tokens} exceed {len(tokens)} tokens")
+        self._tokens = tokens[:num_blocks * block_tokens]
+        width = token_width(self._tokens)
+        self._width = width
+        self._block_tokens = block_tokens
+        self._num_blocks = num_blocks
+        # what every block hash digests before its anchor: the tag, fingerprint and salt, framed as
+        # `_hash` frames its fields (computed once; each block hash starts from a copy)
+        self._base = hashlib.sha256(len(b"block").to_bytes(8, "little") + b"block")
+        for value in (fingerprint.encode(), _salt_bytes(salt)):
+            self._base.update(len(value).to_bytes(8, "little") + value)
+        self._anchors = [root_hash(fingerprint, salt, block_tokens, width)]  # h_0, h_32, h_64, ...
+        self._groups: dict[int, list[bytes]] = {}  # g -> [h_{32g+1}, ..., h_{32g+32}] (or fewer at the end)
+
+    def __len__(self) -> int:
+        return self._num_blocks + 1
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        k = index + len(self) if index < 0 else index
+        if not 0 <= k < len(self):
+            raise IndexError(index)
+        if k % GROUP_BLOCKS == 0:
+            return self._anchor(k // GROUP_BLOCKS)
+        group = (k - 1) // GROUP_BLOCKS
+        return self._group(group)[k - 1 - group * GROUP_BLOCKS]
+
+    def _start(self, anchor: bytes):
+        digest = self._base.copy()
+        digest.update(DIGEST_BYTES.to_bytes(8, "little") + anchor)
+        return digest
+
+    def _group_bytes(self, group: int) -> memoryview:
+        """The hashed bytes of a group's tokens (converted a group at a time: small buffers)."""
+        group_tokens = GROUP_BLOCKS * self._block_tokens
+        return token_bytes(self._tokens[group * group_tokens:(group + 1) * group_tokens], self._width)
+
+    def _anchor(self, group: int) -> bytes:
+        """h_{32 * group}: one hash call per group of 32 blocks on the way."""
+        while len(self._anchors) <= group:
+            g = len(self._anchors) - 1
+            digest = self._start(self._anchors[g])
+            digest.update(self._group_bytes(g))
+            self._anchors.append(digest.digest()[:DIGEST_BYTES])
+        return self._anchors[group]
+
+    def _group(self, group: int) -> list[bytes]:
+        hashes = self._groups.get(group)
+        if hashes is None:
+            digest = self._start(self._anchor(group))
+            data, width, hashes = self._group_bytes(group), self._block_tokens * self._width, []
+            for start in range(0, min(GROUP_BLOCKS, self._num_blocks - group * GROUP_BLOCKS) * width, width):
+                digest.update(data[start:start + width])
+                hashes.append(digest.copy().digest()[:DIGEST_BYTES])
+            self._groups[group] = hashes
+            if len(hashes) == GROUP_BLOCKS and len(self._anchors) == group + 1:
+                self._anchors.append(hashes[-1])
+        return hashes
 
 
 def chain_hashes(
     tokens: np.ndarray, block_tokens: int, fingerprint: str, salt: str | bytes | None, num_blocks: int
 ) -> list[bytes]:
     """``[h_0, h_1, ..., h_num_blocks]`` for the first `num_blocks` full blocks of `tokens`."""
-    if num_blocks * block_tokens > len(tokens):
-        raise ValueError(f"{num_blocks} blocks of {block_tokens} exceed {len(tokens)} tokens")
-    fp, salt_b = fingerprint.encode(), _salt_bytes(salt)
-    raw = memoryview(tokens.tobytes())
-    width = block_tokens * tokens.itemsize
-    # the bytes `_hash(b"block", parent, block, fp, salt)` digests, fed without per-field calls
-    base = hashlib.blake2b(b"block" + DIGEST_BYTES.to_bytes(8, "little"), digest_size=DIGEST_BYTES)
-    middle = width.to_bytes(8, "little")
-    tail = len(fp).to_bytes(8, "little") + fp + len(salt_b).to_bytes(8, "little") + salt_b
-    parent = root_hash(fingerprint, salt)
-    hashes = [parent]
-    for start in range(0, num_blocks * width, width):
-        digest = base.copy()
-        digest.update(parent + middle)
-        digest.update(raw[start:start + width])
-        digest.update(tail)
-        parent = digest.digest()
-        hashes.append(parent)
-    return hashes
+    return list(ChainHashes(tokens, block_tokens, fingerprint, salt, num_blocks))
 
 
 def block_key(block_hash: bytes) -> str:
@@ -101,7 +177,9 @@ def span_key(end_hash: bytes, num_blocks: int) -> str:
 def checkpoint_key(
     parent_hash: bytes, partial_tokens: np.ndarray, fingerprint: str, salt: str | bytes | None
 ) -> str:
-    fields = (parent_hash, partial_tokens.tobytes(), fingerprint.encode(), _salt_bytes(salt))
+    width = token_width(partial_tokens)
+    fields = (parent_hash, width.to_bytes(8, "little"), token_bytes(partial_tokens, width),
+              fingerprint.encode(), _salt_bytes(salt))
     return CHECKPOINT_PREFIX + _hash(b"checkpoint", *fields).hex()
 
 

@@ -12,16 +12,21 @@ A run of consecutive blocks (one block record, or a span record of several) hold
 rows those blocks produced (`range_tensors`). A checkpoint at position ``P`` (``k = P // B``)
 holds ``num_tokens``, every non-entry tensor and the rows of each entries tensor past the last
 full block. ``assemble_state`` concatenates runs covering blocks ``[0, k)`` in order and the
-checkpoint back into the exact state dict at ``P``.
+checkpoint back into the exact state dict at ``P``; ``assemble_state_bytes`` does the same from
+the runs' raw bytes (the restore path: one byte copy per tensor of each record, no torch op).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 
-from kvcache.memory import cat_rows
+from kvcache.memory import cat_rows, empty
+
+# a tensor as (a uint8 array of its contiguous bytes, dtype, shape): see `Record.byte_views`
+ByteView = tuple[np.ndarray, torch.dtype, tuple[int, ...]]
 
 NUM_TOKENS = "num_tokens"
 ENTRIES_SUFFIX = ".entries"
@@ -140,26 +145,106 @@ def assemble_state(
     Every output tensor is fresh memory (one copy of each input byte; inputs may be read-only
     views). Raises ValueError if the pieces do not fit together (wrong count, names or shapes).
     """
-    num_tokens = state_num_tokens(checkpoint)
-    num_blocks = sum(num_run_blocks(run, rates, block_tokens) for run in runs)
-    if num_blocks != num_tokens // block_tokens:
-        raise ValueError(f"{num_blocks} blocks for a checkpoint at {num_tokens} tokens")
-    entry_names = {name for name in checkpoint if is_entries(name)}
-    if any(run.keys() != entry_names for run in runs):
-        raise ValueError("a run's tensors do not match the checkpoint's entries")
-    state = {}
-    for name, tensor in checkpoint.items():
-        if not is_entries(name):
-            state[name] = tensor.clone()
-            continue
-        if name not in rates:
-            raise ValueError(f"no entry rate for {name!r}")
+    num_tokens = _check_runs(runs, checkpoint, sum(num_run_blocks(run, rates, block_tokens) for run in runs),
+                             block_tokens)
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in _entries_to_fill(checkpoint, rates, state):
         parts = [run[name] for run in runs] + [tensor]
         if any(p.dim() != tensor.dim() or p.shape[1:] != tensor.shape[1:] or p.dtype != tensor.dtype for p in parts):
             raise ValueError(f"{name!r}: the runs' rows do not match the checkpoint's")
         state[name] = cat_rows(parts)
         if state[name].shape[0] != num_tokens // rates[name]:
             raise ValueError(f"{name!r}: {state[name].shape[0]} rows at {num_tokens} tokens")
+    return state
+
+
+def _view_run_blocks(run: Mapping[str, ByteView], rates: Mapping[str, int], block_tokens: int) -> int:
+    """`num_run_blocks` of a run of byte views."""
+    counts = set()
+    for name, (_, _, shape) in run.items():
+        if name not in rates:
+            raise ValueError(f"no entry rate for {name!r}")
+        rows_per_block = block_tokens // rates[name]
+        if len(shape) < 1 or shape[0] % rows_per_block:
+            raise ValueError(f"{name!r}: {tuple(shape)} is not a whole number of blocks")
+        counts.add(shape[0] // rows_per_block)
+    if len(counts) != 1:
+        raise ValueError(f"a run's tensors disagree on its length ({sorted(counts)} blocks)")
+    return counts.pop()
+
+
+def leading_rows(view: ByteView, num_rows: int) -> ByteView:
+    """The first `num_rows` rows of a byte view (all of them if it has fewer)."""
+    data, dtype, shape = view
+    if not shape or num_rows >= shape[0]:
+        return view
+    row_bytes = data.nbytes // shape[0] if shape[0] else 0
+    return data[:num_rows * row_bytes], dtype, (num_rows, *shape[1:])
+
+
+def _check_runs(runs, checkpoint: Mapping[str, torch.Tensor], num_blocks: int, block_tokens: int) -> int:
+    """Runs must cover exactly the checkpoint's preceding blocks and hold exactly its entries;
+    returns the checkpoint's token count."""
+    num_tokens = state_num_tokens(checkpoint)
+    if num_blocks != num_tokens // block_tokens:
+        raise ValueError(f"{num_blocks} blocks for a checkpoint at {num_tokens} tokens")
+    entry_names = {name for name in checkpoint if is_entries(name)}
+    if any(run.keys() != entry_names for run in runs):
+        raise ValueError("a run's tensors do not match the checkpoint's entries")
+    return num_tokens
+
+
+def _entries_to_fill(checkpoint: Mapping[str, torch.Tensor], rates: Mapping[str, int], state: dict):
+    """Copy the checkpoint's non-entry tensors into `state`; yield its (entries name, tensor)."""
+    for name, tensor in checkpoint.items():
+        if not is_entries(name):
+            state[name] = tensor.clone()
+            continue
+        if name not in rates:
+            raise ValueError(f"no entry rate for {name!r}")
+        yield name, tensor
+
+
+def assemble_state_bytes(
+    runs: Sequence[Mapping[str, ByteView]],
+    checkpoint: Mapping[str, torch.Tensor],
+    rates: Mapping[str, int],
+    block_tokens: int,
+    *,
+    before_run: Callable[[int], None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """`assemble_state` with the runs given as byte views: the same checks, then every output
+    tensor is allocated once and filled by plain byte copies, run by run from the last to the
+    first. `before_run(i)` is called right before run ``i``'s bytes are copied (the caller
+    verifies that run's record there, so its bytes are still in cache for the copy); whatever
+    it raises propagates."""
+    num_tokens = _check_runs(runs, checkpoint, sum(_view_run_blocks(run, rates, block_tokens) for run in runs),
+                             block_tokens)
+    state: dict[str, torch.Tensor] = {}
+    outputs: dict[str, np.ndarray] = {}
+    for name, tensor in _entries_to_fill(checkpoint, rates, state):
+        trailing = tuple(tensor.shape[1:])
+        if tensor.dim() < 1 or any(dtype != tensor.dtype or tuple(shape[1:]) != trailing
+                                   for _, dtype, shape in (run[name] for run in runs)):
+            raise ValueError(f"{name!r}: the runs' rows do not match the checkpoint's")
+        num_rows = sum(run[name][2][0] for run in runs) + tensor.shape[0]
+        if num_rows != num_tokens // rates[name]:
+            raise ValueError(f"{name!r}: {num_rows} rows at {num_tokens} tokens")
+        state[name] = empty((num_rows, *trailing), tensor.dtype)
+        outputs[name] = state[name].view(-1).view(torch.uint8).numpy()
+    starts = []  # where each run's bytes go in each output
+    positions = dict.fromkeys(outputs, 0)
+    for run in runs:
+        starts.append(dict(positions))
+        for name, (data, _, _) in run.items():
+            positions[name] += data.nbytes
+    for name, out in outputs.items():
+        out[positions[name]:] = checkpoint[name].contiguous().view(-1).view(torch.uint8).numpy()
+    for i in reversed(range(len(runs))):  # the head last: what `before_run` touches ends fresher
+        if before_run is not None:
+            before_run(i)
+        for name, (data, _, _) in runs[i].items():
+            outputs[name][starts[i][name]:starts[i][name] + data.nbytes] = data
     return state
 
 

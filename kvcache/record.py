@@ -9,25 +9,27 @@ stream holding exactly one record batch:
 - schema metadata: ``kv.format_version``, ``kv.fingerprint`` (model fingerprint), ``kv.kind``,
   ``kv.key`` and ``kv.checksum`` (``"<algo>:<hex>"``).
 
-The checksum (checksum.py; default ``rowcol64``) covers everything a reader relies on: kind,
+The checksum (checksum.py; default ``colsum64``) covers everything a reader relies on: kind,
 key, fingerprint, every tensor's name, dtype and shape, and all tensor bytes. `decode_record`
 verifies all of it and raises `RecordError` for anything corrupt, foreign (other model
 fingerprint), stale (other format version) or misfiled (other key); callers turn that into a
 miss and delete the record.
 
-Decoding costs one Arrow IPC parse and two small column reads per record, whatever its size, and
-no per-byte Python work: with ``is_borrowed=True`` the tensors are read-only views of the given
-buffer (no copy; the caller copies what it keeps, see `Record.owned`).
+Decoding costs one Arrow IPC parse, three small column reads and one checksum pass per record,
+whatever its size, and no per-byte Python work: with ``is_borrowed=True`` the record keeps a
+read-only view of the given buffer (no copy; the caller copies what it keeps, see
+`Record.owned`), and the restore path copies each tensor's bytes from there straight into the
+state it assembles (`Record.byte_views`).
 
-Format versions: 2 added the ``span`` kind and the ``rowcol64`` checksum (version-1 records are
-stale: a miss, deleted).
+Format versions: 2 added the ``span`` kind and the ``rowcol64`` checksum; 3 made ``colsum64``
+the default checksum and came with key scheme 2 (keys.py). Records of another version are
+stale: a miss, deleted.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -35,7 +37,7 @@ import torch
 
 from kvcache import checksum as checksums
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 _ALIGN = 16  # every tensor starts at a multiple of this in the data buffer (zero padding)
 CHECKSUM_ALGOS = checksums.ALGORITHMS
 RECORD_KINDS = ("block", "span", "checkpoint", "index")
@@ -71,28 +73,85 @@ class RecordError(Exception):
     """A record that must not be used: corrupt, foreign, stale or misfiled. Treat as a miss."""
 
 
-@dataclass
 class Record:
-    """One cache entry: `kind` is "block", "span", "checkpoint" or "index"; `key` its cache key.
+    """One cache entry: `kind` is "block", "span", "checkpoint" or "index"; `key` its cache key;
+    `tensors` its named tensors.
 
     `is_borrowed`: the tensors are read-only views of someone else's buffer (a Redis value, a
     memory-mapped segment); never write them, and call `owned` before keeping them.
+
+    A decoded record also keeps its data region as one uint8 array and each tensor's place in
+    it (`byte_views`): the restore path copies bytes from there straight into the state it
+    assembles, without building a torch view per tensor; `tensors` is then built on first use.
+    A record decoded with ``verify=False`` holds its checksum check until `verify` runs it;
+    `tensors`, `byte_views` and `owned` run it first (so its bytes are never used unchecked).
     """
 
-    kind: str
-    key: str
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
-    is_borrowed: bool = False
+    __slots__ = ("kind", "key", "is_borrowed", "_tensors", "_raw", "_slots", "_check")
+
+    def __init__(self, kind: str, key: str, tensors: dict[str, torch.Tensor] | None = None,
+                 is_borrowed: bool = False):
+        self.kind, self.key, self.is_borrowed = kind, key, is_borrowed
+        self._tensors = {} if tensors is None else tensors
+        self._raw: np.ndarray | None = None  # the data region (decoded records)
+        self._slots: dict[str, tuple[int, int, torch.dtype, tuple[int, ...]]] | None = None
+        self._check: tuple[str, bytes] | None = None  # (stored checksum, header) not yet verified
+
+    @classmethod
+    def _decoded(cls, kind: str, key: str, raw: np.ndarray, slots: dict, is_borrowed: bool,
+                 check: tuple[str, bytes] | None = None) -> Record:
+        record = cls(kind, key, None, is_borrowed)
+        record._tensors, record._raw, record._slots, record._check = None, raw, slots, check
+        return record
+
+    @property
+    def is_verified(self) -> bool:
+        return self._check is None
+
+    def verify(self) -> None:
+        """Run the checksum check `decode_record(..., verify=False)` left pending (once);
+        raises `RecordError` if the bytes are corrupt."""
+        if self._check is not None:
+            _verify_checksum(*self._check, self._raw)
+            self._check = None
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        if self._tensors is None:
+            self.verify()
+            base = torch.from_numpy(self._raw)  # shares the region (read-only if borrowed)
+            self._tensors = {name: base[lo:lo + nbytes].view(dtype).view(shape)
+                             for name, (lo, nbytes, dtype, shape) in self._slots.items()}
+        return self._tensors
+
+    def byte_views(self, *, verify: bool = True) -> dict[str, tuple[np.ndarray, torch.dtype, tuple[int, ...]]]:
+        """Each tensor as (its contiguous bytes as a uint8 array (a view, no copy), dtype, shape).
+        With ``verify=False`` a pending check stays pending: call `verify` before reading them."""
+        if verify:
+            self.verify()
+        if self._slots is not None:
+            raw = self._raw
+            return {name: (raw[lo:lo + nbytes], dtype, shape)
+                    for name, (lo, nbytes, dtype, shape) in self._slots.items()}
+        return {name: (_byte_view(t.contiguous()), t.dtype, tuple(t.shape)) for name, t in self._tensors.items()}
 
     @property
     def num_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+        if self._slots is not None:
+            return sum(slot[1] for slot in self._slots.values())
+        return sum(t.numel() * t.element_size() for t in self._tensors.values())
 
     def owned(self) -> Record:
         """This record with tensors in memory of its own (itself if they already are)."""
+        self.verify()
         if not self.is_borrowed:
             return self
-        return Record(self.kind, self.key, {name: t.clone() for name, t in self.tensors.items()})
+        if self._slots is not None:  # one copy of the whole region
+            return Record._decoded(self.kind, self.key, self._raw.copy(), self._slots, False)
+        return Record(self.kind, self.key, {name: t.clone() for name, t in self._tensors.items()})
+
+    def __repr__(self) -> str:
+        return f"Record({self.kind!r}, {self.key!r}, {self.num_bytes} bytes, is_borrowed={self.is_borrowed})"
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -163,14 +222,6 @@ def encode_record(record: Record, fingerprint: str, *, checksum: str = checksums
 _SCHEMA = pa.schema(_SCHEMA_FIELDS)
 
 
-def _contiguous_strides(shape: list[int]) -> list[int]:
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= max(size, 1)
-    return strides[::-1]
-
-
 def _read_batch(data) -> pa.RecordBatch:
     try:
         buffer = data if isinstance(data, pa.Buffer) else pa.py_buffer(data)
@@ -188,22 +239,34 @@ def _read_batch(data) -> pa.RecordBatch:
 
 
 def decode_record(data, fingerprint: str, *, expected_key: str | None = None,
-                  is_borrowed: bool = False) -> Record:
+                  is_borrowed: bool = False, verify: bool = True) -> Record:
     """Parse and verify record bytes (bytes, memoryview or `pa.Buffer`).
 
     The tensors are fresh copies, or with `is_borrowed` read-only views of `data` (which they
     keep alive). Raises `RecordError` if the bytes are corrupt, the format version or fingerprint
-    differ, or the record's key is not `expected_key`.
+    differ, or the record's key is not `expected_key`. With ``verify=False`` (and `is_borrowed`)
+    everything but the checksum pass over the tensor bytes is checked here, and that pass waits
+    for `Record.verify` (which the record's accessors run first): a caller that copies the bytes
+    right after verifying them reads them from cache.
     """
     try:
-        return _decode(data, fingerprint, expected_key, is_borrowed)
+        return _decode(data, fingerprint, expected_key, is_borrowed, verify or not is_borrowed)
     except RecordError:
         raise
     except Exception as exc:  # untrusted bytes: any inconsistency is a corrupt record
         raise RecordError(f"inconsistent record: {exc}") from exc
 
 
-def _decode(data, fingerprint: str, expected_key: str | None, is_borrowed: bool) -> Record:
+def _verify_checksum(stored: str, header: bytes, raw: np.ndarray) -> None:
+    try:
+        is_intact = checksums.verify(stored, header, raw)
+    except ValueError as exc:
+        raise RecordError(f"bad checksum field {stored!r}: {exc}") from exc
+    if not is_intact:
+        raise RecordError("checksum mismatch")
+
+
+def _decode(data, fingerprint: str, expected_key: str | None, is_borrowed: bool, verify: bool) -> Record:
     batch = _read_batch(data)
     meta = batch.schema.metadata or {}
     version = meta.get(_META_VERSION, b"?").decode(errors="replace")
@@ -218,44 +281,37 @@ def _decode(data, fingerprint: str, expected_key: str | None, is_borrowed: bool)
         raise RecordError(f"unknown record kind {kind!r}")
     if expected_key is not None and key != expected_key:
         raise RecordError(f"misfiled record: holds key {key!r}, stored under {expected_key!r}")
-    names = batch.column(0).to_pylist()
-    dtypes = batch.column(1).to_pylist()
-    shapes = batch.column(2).to_pylist()
-    column = batch.column(3)
-    offsets = np.frombuffer(
-        column.buffers()[1], dtype=np.int64, count=len(column) + 1, offset=8 * column.offset
-    ).tolist()
-    payload = column.buffers()[2]
+    columns = batch.columns
+    names = columns[0].to_pylist()
+    dtypes = columns[1].to_pylist()
+    shapes = columns[2].to_pylist()
+    column = columns[3]
+    _, offset_buffer, payload = column.buffers()
+    offsets = np.frombuffer(offset_buffer, dtype=np.int64, count=len(column) + 1,
+                            offset=8 * column.offset).tolist()
     start, end = offsets[0], offsets[-1]
-    view = memoryview(payload if payload is not None else b"")[start:end]
+    region = np.frombuffer(payload if payload is not None else b"", dtype=np.uint8)
+    if not 0 <= start <= end <= len(region):
+        raise RecordError(f"data offsets [{start}, {end}) outside the {len(region)}-byte buffer")
+    raw = region[start:end]
     if any("\0" in name for name in names):
         raise RecordError("NUL in a tensor name")
     header = _header_bytes(kind, key, record_fingerprint, names, dtypes, shapes)
     stored = meta.get(_META_CHECKSUM, b"").decode(errors="replace")
-    try:
-        is_intact = checksums.verify(stored, header, view)
-    except ValueError as exc:
-        raise RecordError(f"bad checksum field {stored!r}: {exc}") from exc
-    if not is_intact:
-        raise RecordError("checksum mismatch")
-    raw = np.frombuffer(view, dtype=np.uint8)
-    if is_borrowed:
-        base = torch.from_numpy(raw)  # read-only view; the numpy array keeps `data` alive
-    else:
-        base = torch.empty(end - start, dtype=torch.uint8)  # one copy of all tensor bytes
-        base.numpy()[:] = raw
-    typed: dict[torch.dtype, torch.Tensor] = {}  # the data region viewed as each dtype (a 16-multiple)
-    tensors: dict[str, torch.Tensor] = {}
+    if stored.partition(":")[0] not in CHECKSUM_ALGOS:
+        raise RecordError(f"bad checksum field {stored!r}")
+    if verify:
+        _verify_checksum(stored, header, raw)
+    slots: dict[str, tuple[int, int, torch.dtype, tuple[int, ...]]] = {}
     for i, (name, dtype, shape) in enumerate(zip(names, dtypes, shapes)):
         torch_dtype = _DTYPES.get(dtype)
-        if torch_dtype is None or name in tensors or min(shape, default=0) < 0:
+        if torch_dtype is None or name in slots or min(shape, default=0) < 0:
             raise RecordError(f"bad tensor spec {name!r} {dtype!r} {shape!r}")
-        itemsize = torch_dtype.itemsize
-        nbytes = math.prod(shape) * itemsize
+        nbytes = math.prod(shape) * torch_dtype.itemsize
         lo, hi = offsets[i] - start, offsets[i + 1] - start
         if lo % _ALIGN or not hi - _ALIGN < lo + nbytes <= hi:
             raise RecordError(f"tensor {name!r}: {nbytes} bytes do not fit its {hi - lo}-byte slot")
-        if torch_dtype not in typed:
-            typed[torch_dtype] = base.view(torch_dtype)
-        tensors[name] = typed[torch_dtype].as_strided(shape, _contiguous_strides(shape), lo // itemsize)
-    return Record(kind=kind, key=key, tensors=tensors, is_borrowed=is_borrowed)
+        slots[name] = (lo, nbytes, torch_dtype, tuple(shape))
+    if not is_borrowed:  # one copy of all tensor bytes
+        raw = raw.copy()
+    return Record._decoded(kind, key, raw, slots, is_borrowed, None if verify else (stored, header))

@@ -31,6 +31,14 @@ log = logging.getLogger(__name__)
 REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 
 
+def make_client(url: str, *, socket_timeout_s: float = 2.0) -> redis.Redis:
+    """The redis-py client a `RedisTier` talks through (benchmarks build their raw baseline
+    with it too, so both sides read through the same client settings)."""
+    return redis.Redis.from_url(
+        url, socket_timeout=socket_timeout_s, socket_connect_timeout=socket_timeout_s, retry=Retry(NoBackoff(), 0),
+    )
+
+
 def _nbytes(value) -> int:
     return memoryview(value).nbytes
 
@@ -58,12 +66,7 @@ class RedisTier(Tier):
         self.retry_interval_s = retry_interval_s
         self.max_batch_keys = max_batch_keys
         self.max_batch_bytes = max_batch_bytes
-        self._client = redis.Redis.from_url(
-            url,
-            socket_timeout=socket_timeout_s,
-            socket_connect_timeout=socket_timeout_s,
-            retry=Retry(NoBackoff(), 0),
-        )
+        self._client = make_client(url, socket_timeout_s=socket_timeout_s)
         kwargs = self._client.connection_pool.connection_kwargs
         self.address = kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}"
         self._lru = ByteLRU(budget_bytes)

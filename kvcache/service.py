@@ -1,7 +1,7 @@
 """KVCacheService: the engine's API to the tiered cache of compressed KV state.
 
-Owns: the service configuration, the tier hierarchy it builds (device, optional Redis, optional
-disk), and the service-level counters. The engine passes whole exported state dicts (the model's
+Owns: the tier hierarchy it builds from a `KVCacheConfig` (config.py: device, optional Redis,
+optional disk) and the service-level counters. The engine passes whole exported state dicts (the model's
 ``state.export()``); this module turns them into records and back:
 
 - `commit(token_ids, states, salt)`: the compressed entries of every full block up to the
@@ -11,7 +11,7 @@ disk), and the service-level counters. The engine passes whole exported state di
   checkpoints, an index record of their offsets.
 - `lookup(token_ids, salt)`: the longest prefix ``P`` such that a checkpoint at ``P`` and all
   blocks before it are cached; returns the exact state dict at ``P`` (what ``state.export()``
-  returned at ``P``), which the engine imports with ``SequenceState.from_export`` and then
+  returned at ``P``), which the engine loads into a fresh state (``state.load(tensors)``) and then
   prefills ``token_ids[P:]``. Blocks come from span records where the lookup's tokens cover the
   whole span (a span is cut when ``P`` ends inside it), else from single-block records.
 
@@ -24,6 +24,15 @@ that those blocks can be stored twice (as singles and later inside their span).
 
 Records are put in depth order (deepest first), so under LRU a sequence loses its tail before
 its head and what remains is still a usable prefix.
+
+The restore path (a lookup that hits): the token hashes are computed lazily (keys.py: per-block
+work only for the index records of the last blocks); the first read fetches those index records
+together with what a hit at the lookup's limit needs (its checkpoint, spans and blocks): one
+read per tier, one MGET from Redis. Records are parsed when fetched; each one's checksum pass
+runs right before its bytes are copied into the state (`TierStack.settle`), so they are read
+from memory once; a record that fails it is deleted from its tier and asked for again (the
+tiers below, or single blocks, or a shorter prefix). The state is one byte copy of the stored
+tensors into pooled, warm memory (memory.py).
 """
 
 from __future__ import annotations
@@ -34,17 +43,17 @@ import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from kvcache import fp8, layout
+from kvcache.config import KVCacheConfig
 from kvcache.device_tier import DeviceTier
 from kvcache.disk_tier import DiskTier
 from kvcache.hierarchy import Hit, TierStack, index_record
 from kvcache.keys import (
-    block_key, chain_hashes, checkpoint_key, index_key, span_key, token_array, validate_block_tokens,
+    GROUP_BLOCKS, ChainHashes, block_key, checkpoint_key, index_key, span_key, token_array,
 )
 from kvcache.record import Record
 from kvcache.redis_tier import RedisTier
@@ -52,45 +61,16 @@ from kvcache.stats import CommitResult, LookupResult, ServiceStats
 
 log = logging.getLogger(__name__)
 State = Mapping[str, torch.Tensor]
-INDEX_CHUNK_BLOCKS = 64  # index records read per step of a lookup, from the end backwards
+INDEX_CHUNK_BLOCKS = 64  # at most this many index records per step of a lookup, from the end backwards
+MAX_SETTLE_ATTEMPTS = 8  # per checkpoint: each failed attempt deleted a corrupt record
 
 
-@dataclass(frozen=True)
-class KVCacheConfig:
-    block_tokens: int = 128              # tokens per block record; a multiple of 128
-    checkpoint_tokens: int = 4096        # periodic window checkpoint interval
-    span_tokens: int | None = None       # tokens per span record; None: checkpoint_tokens if a
-                                         # multiple of block_tokens, else block_tokens (no spans)
-    device_bytes: int = 1 << 30
-    redis_bytes: int = 4 << 30
-    disk_bytes: int = 64 << 30
-    redis_prefix: str = "dsv4kv:"
-    redis_retry_s: float = 5.0           # while Redis is down, probe it this often
-    redis_timeout_s: float = 2.0
-    disk_segment_bytes: int = 256 << 20
-    is_fp8: bool = False                 # store latents as FP8 e4m3 (+ per-64 scales)
-    rope_dim: int = 64                   # trailing dims kept as computed under FP8
-    fp8_suffixes: tuple[str, ...] = fp8.DEFAULT_SUFFIXES
-    checksum: str = "rowcol64"           # or "crc32", "blake2b" (see checksum.py)
-    max_pending_bytes: int = 1 << 30     # background writes beyond this are dropped
+class _Corrupt(Exception):
+    """A fetched record failed its deferred checksum check (it was deleted from its tier)."""
 
-    def validate(self) -> None:
-        validate_block_tokens(self.block_tokens)
-        if self.checkpoint_tokens <= 0:
-            raise ValueError(f"checkpoint_tokens must be positive, got {self.checkpoint_tokens}")
-        if self.rope_dim < 0:
-            raise ValueError(f"rope_dim must be >= 0, got {self.rope_dim}")
-        if self.span_tokens is not None and (self.span_tokens <= 0 or self.span_tokens % self.block_tokens):
-            raise ValueError(f"span_tokens must be a positive multiple of block_tokens, got {self.span_tokens}")
-
-    @property
-    def span_blocks(self) -> int:
-        """Blocks per span record (1: every block is its own record)."""
-        if self.span_tokens is not None:
-            return self.span_tokens // self.block_tokens
-        if self.checkpoint_tokens % self.block_tokens == 0:
-            return self.checkpoint_tokens // self.block_tokens
-        return 1
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
 
 
 class KVCacheService:
@@ -162,16 +142,29 @@ class KVCacheService:
 
     def _lookup(self, tokens: np.ndarray, salt, limit: int) -> LookupResult | None:
         """Checkpoints are tried longest first; the index records that list them are read a
-        chunk of blocks at a time from the end, so a long hit reads few of them."""
+        chunk of blocks at a time from the end, so a long hit reads few of them. The first chunk
+        ends at an anchor of the key chain (keys.py): a typical hit then hashes block by block
+        only inside the last group of 32 blocks. The first read also fetches what a hit at
+        `limit` needs (its checkpoint and the records of every block before it, see
+        `_prefetch_keys`), so a typical hit reads each tier once (one MGET from Redis)."""
         block_tokens = self.config.block_tokens
-        # hashes over all the tokens: a span that ends past `limit` can still serve its head
-        hashes = chain_hashes(tokens, block_tokens, self.storage_fingerprint, salt, len(tokens) // block_tokens)
+        # hashes over all the tokens (lazily): a span that ends past `limit` can still serve its head
+        hashes = ChainHashes(tokens, block_tokens, self.storage_fingerprint, salt, len(tokens) // block_tokens)
         fetched: dict[str, Hit | None] = {}
         num_usable_blocks = limit // block_tokens  # blocks [0, n) may all be cached; lowered on misses
         last_block_id = num_usable_blocks
+        num_groups = 1
         while last_block_id >= 0:
-            block_ids = range(last_block_id, max(-1, last_block_id - INDEX_CHUNK_BLOCKS), -1)
-            offsets = self.stack.get_index_offsets([index_key(hashes[k]) for k in block_ids])
+            lowest = max(0, ((last_block_id - 1) // GROUP_BLOCKS - num_groups + 1) * GROUP_BLOCKS)
+            block_ids = range(last_block_id, lowest - 1, -1)
+            index_keys = [index_key(hashes[k]) for k in block_ids]
+            if num_groups == 1 and limit > 0:  # the first read
+                keys = self._prefetch_keys(tokens, salt, hashes, limit)
+                offsets, hits = self.stack.fetch(index_keys, keys, defer_verify=True)
+                fetched.update(zip(keys, hits))
+            else:
+                offsets = self.stack.get_index_offsets(index_keys)
+            num_groups = max(1, INDEX_CHUNK_BLOCKS // GROUP_BLOCKS)
             candidates = sorted({
                 k * block_tokens + o for k, found in zip(block_ids, offsets) for o in found
                 if 0 <= o < block_tokens and 0 < k * block_tokens + o <= limit
@@ -186,23 +179,51 @@ class KVCacheService:
             last_block_id = min(block_ids[-1] - 1, num_usable_blocks)
         return None
 
-    def _try_checkpoint(self, tokens: np.ndarray, salt, hashes: list[bytes], position: int,
+    def _checkpoint_key(self, tokens: np.ndarray, salt, hashes: ChainHashes, position: int) -> str:
+        k = position // self.config.block_tokens
+        return checkpoint_key(hashes[k], tokens[k * self.config.block_tokens:position], self.storage_fingerprint, salt)
+
+    def _prefetch_keys(self, tokens: np.ndarray, salt, hashes: ChainHashes, position: int) -> list[str]:
+        """What `_try_checkpoint(position)` reads first: the checkpoint, then the span records
+        (and the single-block records where no span can exist) of every block before it, the
+        head last so that it ends most recently used."""
+        return [self._checkpoint_key(tokens, salt, hashes, position),
+                *self._run_keys(hashes, position // self.config.block_tokens)]
+
+    def _try_checkpoint(self, tokens: np.ndarray, salt, hashes: ChainHashes, position: int,
                         fetched: dict[str, Hit | None]) -> LookupResult | int:
-        """The state at `position`, or (a miss) how many leading blocks can still be cached."""
-        block_tokens = self.config.block_tokens
-        k = position // block_tokens
-        key = checkpoint_key(hashes[k], tokens[k * block_tokens:position], self.storage_fingerprint, salt)
-        (checkpoint,) = self.stack.get_many([key])
+        """The state at `position`, or (a miss) how many leading blocks can still be cached.
+        Every record it uses is verified (`TierStack.settle`) right before its bytes are used;
+        one that fails was deleted from its tier, so asking again gets the next copy or a miss."""
+        k = position // self.config.block_tokens
+        key = self._checkpoint_key(tokens, salt, hashes, position)
+        for _ in range(MAX_SETTLE_ATTEMPTS):
+            self._fetch([key], fetched)
+            checkpoint = fetched[key]
+            if checkpoint is None or self.stack.settle(checkpoint):
+                break
+            fetched.pop(key)
+        else:
+            checkpoint = None
         if checkpoint is None:
             return len(hashes)
-        pieces, first_missing = self._fetch_runs(hashes, k, fetched)
-        if first_missing < k:
-            return first_missing
-        try:
-            state = self._assemble(pieces, checkpoint.record, position)
-        except ValueError as exc:
-            log.warning("kvcache: checkpoint at %d does not fit its blocks (%s)", position, exc)
+        for _ in range(MAX_SETTLE_ATTEMPTS):
+            pieces, first_missing = self._fetch_runs(hashes, k, fetched)
+            if first_missing < k:
+                return first_missing
+            try:
+                state = self._assemble(pieces, checkpoint.record, position)
+            except _Corrupt as exc:  # deleted from its tier: ask the tiers again for that record
+                fetched.pop(exc.key, None)
+                continue
+            except ValueError as exc:
+                log.warning("kvcache: checkpoint at %d does not fit its blocks (%s)", position, exc)
+                return len(hashes)
+            break
+        else:
             return len(hashes)
+        # LRU order as `get_many` leaves it: the head of the prefix most recently used
+        self.stack.device.touch_many([hit.record.key for hit, _, _ in reversed(pieces)])
         result = LookupResult(position, state, checkpoint_tier=checkpoint.tier)
         for hit, _, num_used in pieces:
             result.num_blocks_by_tier[hit.tier] = result.num_blocks_by_tier.get(hit.tier, 0) + num_used
@@ -211,11 +232,24 @@ class KVCacheService:
             result.num_bytes_by_tier[hit.tier] = result.num_bytes_by_tier.get(hit.tier, 0) + hit.num_bytes
         return result
 
-    def _run_key(self, hashes: list[bytes], first_block_id: int, num_blocks: int) -> str:
+    def _run_keys(self, hashes: ChainHashes, num_blocks: int) -> list[str]:
+        """The records `_fetch_runs(hashes, num_blocks)` asks for first (tail first): a span
+        wherever the tokens cover one, single blocks where they end inside a span."""
+        span_blocks = self.config.span_blocks
+        num_known_blocks = len(hashes) - 1
+        keys = []
+        for j in reversed(range(-(-num_blocks // span_blocks))):
+            if (j + 1) * span_blocks <= num_known_blocks:
+                keys.append(self._run_key(hashes, j * span_blocks, span_blocks))
+            else:
+                keys += [block_key(hashes[b + 1]) for b in reversed(range(j * span_blocks, num_blocks))]
+        return keys
+
+    def _run_key(self, hashes: ChainHashes, first_block_id: int, num_blocks: int) -> str:
         end_hash = hashes[first_block_id + num_blocks]
         return block_key(end_hash) if num_blocks == 1 else span_key(end_hash, num_blocks)
 
-    def _fetch_runs(self, hashes: list[bytes], num_blocks: int, fetched: dict[str, Hit | None]
+    def _fetch_runs(self, hashes: ChainHashes, num_blocks: int, fetched: dict[str, Hit | None]
                     ) -> tuple[list[tuple[Hit, int, int]], int]:
         """Records covering blocks ``[0, num_blocks)``: ``([(hit, first block, blocks used)],
         first missing block)``. A span is used whenever the tokens cover all of it; where it is
@@ -248,23 +282,44 @@ class KVCacheService:
         return pieces, num_blocks
 
     def _fetch(self, keys: list[str], fetched: dict[str, Hit | None]) -> None:
+        """Block and span records, their checksum pass deferred to `_assemble` (see there)."""
         keys = [key for key in keys if key not in fetched]
         if keys:
-            fetched.update(zip(keys, self.stack.get_many(keys)))
+            fetched.update(zip(keys, self.stack.get_many(keys, defer_verify=True)))
 
     def _assemble(self, pieces: list[tuple[Hit, int, int]], checkpoint: Record, position: int
                   ) -> dict[str, torch.Tensor]:
         if checkpoint.kind != "checkpoint" or any(h.record.kind not in ("block", "span") for h, _, _ in pieces):
             raise ValueError("unexpected record kinds")
         block_tokens = self.config.block_tokens
-        runs = []
-        for hit, _, num_used in pieces:
-            tensors = fp8.dequantize_tensors(hit.record.tensors)
-            if hit.record.kind == "span":  # keep the blocks the checkpoint needs (rows are per block)
-                tensors = {name: t[:num_used * (block_tokens // self.entry_rates.get(name, block_tokens))]
-                           for name, t in tensors.items()}
-            runs.append(tensors)
-        state = layout.assemble_state(runs, fp8.dequantize_tensors(checkpoint.tensors), self.entry_rates, block_tokens)
+        if self.config.is_fp8:  # dequantize, then concatenate
+            runs = []
+            for hit, _, num_used in pieces:
+                if not self.stack.settle(hit):
+                    raise _Corrupt(hit.record.key)
+                tensors = fp8.dequantize_tensors(hit.record.tensors)
+                if hit.record.kind == "span":  # keep the blocks the checkpoint needs (rows are per block)
+                    tensors = {name: t[:num_used * (block_tokens // self.entry_rates.get(name, block_tokens))]
+                               for name, t in tensors.items()}
+                runs.append(tensors)
+            state = layout.assemble_state(runs, fp8.dequantize_tensors(checkpoint.tensors), self.entry_rates,
+                                          block_tokens)
+        else:  # the stored bytes are the state's bytes: copy them into place
+            runs = []
+            for hit, _, num_used in pieces:
+                views = hit.record.byte_views(verify=False)  # verified by `settle` below, before the copy
+                if hit.record.kind == "span":
+                    views = {name: layout.leading_rows(view, num_used * (block_tokens // self.entry_rates.get(
+                        name, block_tokens))) for name, view in views.items()}
+                runs.append(views)
+
+            def settle(i: int) -> None:  # checksum pass, promotion; the copy then reads from cache
+                hit = pieces[i][0]
+                if not self.stack.settle(hit):
+                    raise _Corrupt(hit.record.key)
+
+            state = layout.assemble_state_bytes(runs, checkpoint.tensors, self.entry_rates, block_tokens,
+                                                before_run=settle)
         if layout.state_num_tokens(state) != position:
             raise ValueError(f"checkpoint holds {layout.state_num_tokens(state)} tokens")
         return state
@@ -290,7 +345,7 @@ class KVCacheService:
             return CommitResult(0, 0, 0, True)
         block_tokens, span_blocks = self.config.block_tokens, self.config.span_blocks
         num_blocks = positions[-1] // block_tokens
-        hashes = chain_hashes(tokens, block_tokens, self.storage_fingerprint, salt, num_blocks)
+        hashes = ChainHashes(tokens, block_tokens, self.storage_fingerprint, salt, num_blocks)
         runs = [(j * span_blocks, span_blocks) for j in range(num_blocks // span_blocks)]
         if span_blocks > 1:  # each position's unfinished span, block by block
             ends = [p // block_tokens for p in positions]
