@@ -59,7 +59,19 @@ def main() -> None:
             gpu32 = DeepseekV4.from_pretrained(tmp, device=device)
             err = ((gpu32(ids.to(device)).cpu() - cpu).abs().max() / cpu.abs().max()).item()
             result["fp32_rel_err_vs_cpu"] = err
-            del gpu32
+            # the batched decode path on the device (pooled states, paged entries) vs the full forward
+            lengths = (290, 200, 97)
+            states = [gpu32.new_state() for _ in lengths]
+            gpu32.step(states, [ids[0, :n].to(device) for n in lengths], all_logits=False)
+            worst = 0.0
+            for t in range(10):
+                rows = gpu32.step(states, [ids[0, n + t: n + t + 1].to(device) for n in lengths], all_logits=False)
+                for n, row in zip(lengths, rows):
+                    want = cpu[0, n + t]
+                    worst = max(worst, ((row.cpu() - want).abs().max() / want.abs().max()).item())
+            result["fp32_decode_rel_err_vs_cpu_full"] = worst
+            print(f"fp32 CUDA batched decode vs CPU full forward max rel err {worst:.3g}", flush=True)
+            del gpu32, states
             print(f"fp32 CUDA vs CPU max rel err {err:.3g}", flush=True)
         model = DeepseekV4.from_pretrained(tmp, dtype=torch.bfloat16, device=device)
         prompt = torch.randint(0, cfg.vocab_size, (args.prefill,), device=device)

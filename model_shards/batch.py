@@ -33,7 +33,8 @@ class StepBatch:
 
     @classmethod
     def build(cls, states: list[SequenceState], token_ids: list[torch.Tensor],
-              device: torch.device | str = "cpu") -> "StepBatch":
+              device: torch.device | str = "cpu", vocab_size: int | None = None) -> "StepBatch":
+        """`vocab_size`: also check every id is in [0, vocab_size), before the ids move to `device`."""
         if len(states) != len(token_ids):
             raise ValueError(f"{len(states)} states but {len(token_ids)} token lists")
         if len({id(s) for s in states}) != len(states):
@@ -48,7 +49,10 @@ class StepBatch:
             lengths.append(n)
             positions.append(torch.arange(state.num_tokens, state.num_tokens + n))
             offset += n
-        flat = torch.cat([ids.reshape(-1).to(torch.int64) for ids in token_ids]).to(device)
+        flat = torch.cat([ids.reshape(-1).to(torch.int64) for ids in token_ids])
+        if vocab_size is not None and (int(flat.max()) >= vocab_size or int(flat.min()) < 0):
+            raise ValueError(f"token id out of range [0, {vocab_size})")
+        flat = flat.to(device)
         batch = cls(flat, torch.cat(positions).to(device), list(states), starts, lengths)
         batch.decode_segments = [k for k, n in enumerate(lengths) if n == 1]
         batch.prefill_segments = [k for k, n in enumerate(lengths) if n > 1]
@@ -79,16 +83,19 @@ class StepBatch:
 class DecodeMeta:
     """Per-step indices for decoding B sequences whose buffers live in one StatePool, shared by
     every layer: token b (position p_b) writes ring row p_b % W of slot `slots[b]` and tail row
-    p_b % rate; the sequences in `completes[rate]` fill a compressor window this step and write its
-    entry at (`entry_pages`, `entry_rows`)[rate]. `page_table[rate]` [B, max pages] lists each
-    sequence's entry pages after this step (padded with the zero page 0); `entry_ok[rate]` marks
-    the real entries of the flattened pages."""
+    p_b % rate; the sequences `completes[rate]` fill a compressor window this step and write its
+    entry (at position `entry_positions`) to (`entry_pages`, `entry_rows`)[rate]. `page_table[rate]`
+    [B, max pages] lists each sequence's entry pages after this step (padded with the zero page 0);
+    `entry_ok[rate]` marks the real entries of the flattened pages. Every index is computed on the
+    host from the states' counters and reaches the device in ONE copy (no per-layer transfers)."""
     pool: Any
     slots: torch.Tensor                       # [B] int64 pool slots
     ring_rows: torch.Tensor                   # [B] int64, p % W
     window_ok: torch.Tensor                   # [B, W] bool: ring rows holding one of the last W tokens
     tail_rows: dict[int, torch.Tensor]        # rate -> [B] int64, p % rate
     completes: dict[int, list[int]]           # rate -> batch indices whose window completes
+    complete_slots: dict[int, torch.Tensor]   # rate -> [F] their pool slots
+    entry_positions: dict[int, torch.Tensor]  # rate -> [F] token position of each new entry (its rope)
     entry_pages: dict[int, torch.Tensor]      # rate -> [F] page of each completing sequence's new entry
     entry_rows: dict[int, torch.Tensor]       # rate -> [F] row in that page
     page_table: dict[int, torch.Tensor]       # rate -> [B, max pages] int64
@@ -96,40 +103,46 @@ class DecodeMeta:
     max_entries: dict[int, int]               # rate -> most entries any sequence has after this step
 
     @classmethod
-    def build(cls, states: list[SequenceState], positions: torch.Tensor, window: int) -> "DecodeMeta | None":
+    def build(cls, states: list[SequenceState], device: torch.device | str, window: int) -> "DecodeMeta | None":
         pool = states[0].pool
         if pool is None or any(s.pool is not pool for s in states):
             return None
-        device, P = positions.device, pool.page_size
-        slots = torch.tensor([s.slot for s in states], dtype=torch.int64, device=device)
-        window_ok = torch.arange(window, device=device)[None, :] <= positions[:, None]   # before wrap-around
-        tail_rows, completes, entry_pages, entry_rows, page_table, entry_ok, max_entries = {}, {}, {}, {}, {}, {}, {}
+        B, P = len(states), pool.page_size
+        positions = [s.num_tokens for s in states]
+        parts: list[list[int]] = [[s.slot for s in states], [p % window for p in positions], positions]
+        completes, max_entries, num_pages = {}, {}, {}
         for r in pool.rates:
-            counts = [(s.num_tokens + 1) // r for s in states]          # entries after this step
+            counts = [(p + 1) // r for p in positions]                  # entries after this step
             for s, n in zip(states, counts):
                 pool.ensure_pages(s.pages[r], r, n)
-            done = [b for b, s in enumerate(states) if (s.num_tokens + 1) % r == 0]
-            tail_rows[r] = positions % r
-            completes[r] = done
-            entry_pages[r] = torch.tensor([states[b].pages[r][(counts[b] - 1) // P] for b in done],
-                                          dtype=torch.int64, device=device)
-            entry_rows[r] = torch.tensor([(counts[b] - 1) % P for b in done], dtype=torch.int64, device=device)
-            num_pages = max(-(-n // P) for n in counts)
-            table = [s.pages[r][:num_pages] + [0] * (num_pages - min(num_pages, len(s.pages[r]))) for s in states]
-            page_table[r] = torch.tensor(table, dtype=torch.int64, device=device).reshape(len(states), num_pages)
-            entry_ok[r] = (torch.arange(num_pages * P, device=device)[None, :]
-                           < torch.tensor(counts, device=device)[:, None])
-            max_entries[r] = max(counts)
-        return cls(pool, slots, positions % window, window_ok, tail_rows, completes, entry_pages, entry_rows,
-                   page_table, entry_ok, max_entries)
+            done = [b for b, p in enumerate(positions) if (p + 1) % r == 0]
+            completes[r], max_entries[r] = done, max(counts)
+            num_pages[r] = n_p = -(-max(counts) // P)
+            parts += [[p % r for p in positions], [states[b].slot for b in done],
+                      [(counts[b] - 1) * r for b in done],
+                      [states[b].pages[r][(counts[b] - 1) // P] for b in done], [(counts[b] - 1) % P for b in done],
+                      counts, [i for s in states for i in s.pages[r][:n_p] + [0] * (n_p - min(n_p, len(s.pages[r])))]]
+        flat = torch.tensor([i for part in parts for i in part], dtype=torch.int64).to(device, non_blocking=True)
+        views = list(flat.split([len(part) for part in parts]))
+        slots, ring_rows, pos = views[:3]
+        window_ok = torch.arange(window, device=device)[None, :] <= pos[:, None]   # before wrap-around
+        fields: dict[str, dict] = {k: {} for k in ("tail_rows", "complete_slots", "entry_positions", "entry_pages",
+                                                    "entry_rows", "page_table", "entry_ok")}
+        for i, r in enumerate(pool.rates):
+            tail, cslots, epos, epages, erows, counts, table = views[3 + 7 * i: 10 + 7 * i]
+            fields["tail_rows"][r], fields["complete_slots"][r], fields["entry_positions"][r] = tail, cslots, epos
+            fields["entry_pages"][r], fields["entry_rows"][r] = epages, erows
+            fields["page_table"][r] = table.view(B, num_pages[r])
+            fields["entry_ok"][r] = torch.arange(num_pages[r] * P, device=device)[None, :] < counts[:, None]
+        return cls(pool, slots, ring_rows, window_ok, completes=completes, max_entries=max_entries, **fields)
 
     def compressor(self, layer_id: int, name: str, rate: int) -> "PooledCompressor":
         pool = self.pool
         kv, gate = pool.tails[(layer_id, name)]
         ov_kv, ov_gate = pool.overlaps.get((layer_id, name), (None, None))
         return PooledCompressor(kv, gate, ov_kv, ov_gate, pool.pages[(layer_id, name)], self.slots,
-                                self.tail_rows[rate], self.completes[rate], self.entry_pages[rate],
-                                self.entry_rows[rate])
+                                self.tail_rows[rate], self.completes[rate], self.complete_slots[rate],
+                                self.entry_positions[rate], self.entry_pages[rate], self.entry_rows[rate])
 
 
 @dataclass
@@ -143,5 +156,7 @@ class PooledCompressor:
     slots: torch.Tensor                       # [B]
     tail_rows: torch.Tensor                   # [B]
     completes: list[int]
+    complete_slots: torch.Tensor              # [F]
+    entry_positions: torch.Tensor             # [F]
     entry_pages: torch.Tensor                 # [F]
     entry_rows: torch.Tensor                  # [F]

@@ -108,7 +108,7 @@ class Compressor(nn.Module):
             cs.num_tail += 1
         if not p.completes:
             return
-        slots = p.slots[p.completes] if len(p.completes) < len(states) else p.slots
+        slots = p.complete_slots
         win_kv, win_gate = p.tail_kv[slots], p.tail_gate[slots] + self.ape       # [F, rate, in_dim]
         prev_kv = prev_gate = None
         if self.is_overlapping:
@@ -117,9 +117,8 @@ class Compressor(nn.Module):
             p.overlap_kv[slots] = win_kv[:, :, :d]
             p.overlap_gate[slots] = win_gate[:, :, :d]
         full = [states[b] for b in p.completes]
-        positions = torch.tensor([cs.num_entries * self.rate for cs in full], device=kv.device)
         p.entry_pages_store[p.entry_pages, p.entry_rows] = self._pool(win_kv, win_gate, prev_kv, prev_gate,
-                                                                      positions, inv_freq)
+                                                                      p.entry_positions, inv_freq)
         for cs in full:
             cs.num_tail = 0
             cs.num_entries += 1

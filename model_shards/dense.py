@@ -30,24 +30,25 @@ from .batch import DecodeMeta, StepBatch
 from .compressor import RMSNormWeight
 from .config import ModelConfig
 from .moe import Gate, SharedExpert
-from .ops import rms_norm, rope_cis, rope_inv_freq, sinkhorn
+from .ops import Sinkhorn, rms_norm, rope_cis, rope_inv_freq, sinkhorn
 from .state import SequenceState
 from .state_pool import StatePool
 
 
 def hc_weights(h: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
-               cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               cfg: ModelConfig, sinkhorn_fn=sinkhorn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """h [T, hc, hidden] -> collapsed block input [T, hidden], post [T, hc], comb [T, hc, hc] (float32)."""
     hc = cfg.hc_mult
     flat = rms_norm(h.flatten(1).float(), None, cfg.rms_norm_eps)
     # mixes * scale + base, with scale[0] on the pre columns, scale[1] on post, scale[2] on comb
-    scale_cols = scale.float().repeat_interleave(torch.tensor([hc, hc, hc * hc], device=scale.device))
+    s = scale.float()                                  # (int repeats: no host round trip on a GPU)
+    scale_cols = torch.cat([s[:2].repeat_interleave(hc), s[2:].expand(hc * hc)])
     mixes = torch.addcmul(base.float(), flat @ fn.float().T, scale_cols)         # [T, (2+hc)*hc]
     gates = torch.sigmoid(mixes[:, : 2 * hc])
     pre = gates[:, :hc] + cfg.hc_eps
     post = 2 * gates[:, hc:]
     comb = torch.softmax(mixes[:, 2 * hc:].unflatten(-1, (hc, hc)), dim=-1) + cfg.hc_eps
-    comb = sinkhorn(comb, cfg.hc_sinkhorn_iters, cfg.hc_eps)
+    comb = sinkhorn_fn(comb, cfg.hc_sinkhorn_iters, cfg.hc_eps)
     collapsed = torch.bmm(pre.unsqueeze(1), h.float()).squeeze(1).to(h.dtype)  # Σ_k pre_k h_k
     return collapsed, post, comb
 
@@ -104,6 +105,7 @@ class DenseModel(nn.Module):
         self.hc_head_base = nn.Parameter(torch.zeros(hc))
         self.hc_head_scale = nn.Parameter(torch.ones(1))
         self.state_pool: StatePool | None = None   # made on the first new_state(), on the weights' device
+        self.sinkhorn = Sinkhorn()                 # mHC's Sinkhorn (fused on GPUs)
         self.register_buffer("main_inv_freq", rope_inv_freq(cfg.main_rope, cfg.qk_rope_head_dim), persistent=False)
         self.register_buffer("compress_inv_freq", rope_inv_freq(cfg.compress_rope, cfg.qk_rope_head_dim), persistent=False)
 
@@ -123,28 +125,28 @@ class DenseModel(nn.Module):
 
     # ---- step API ----------------------------------------------------------------------------
     def begin_step(self, states: list[SequenceState], token_ids: list[torch.Tensor]) -> tuple[torch.Tensor, StepBatch]:
-        batch = StepBatch.build(states, token_ids, self.device)
-        if int(batch.token_ids.max()) >= self.cfg.vocab_size or int(batch.token_ids.min()) < 0:
-            raise ValueError(f"token id out of range [0, {self.cfg.vocab_size})")
+        batch = StepBatch.build(states, token_ids, self.device, vocab_size=self.cfg.vocab_size)
         batch.rope["main"] = rope_cis(self.main_inv_freq, batch.positions, self.cfg.main_rope.attention_factor)
         batch.rope["compress"] = rope_cis(self.compress_inv_freq, batch.positions,
                                               self.cfg.compress_rope.attention_factor)
         if batch.decode_segments:
             dec_states = [states[k] for k in batch.decode_segments]
-            batch.decode = DecodeMeta.build(dec_states, batch.positions[batch.decode_rows], self.cfg.sliding_window)
+            batch.decode = DecodeMeta.build(dec_states, self.device, self.cfg.sliding_window)
         h = self.embed(batch.token_ids)                                          # [T, hidden]
         return h.unsqueeze(1).expand(-1, self.cfg.hc_mult, -1).contiguous(), batch
 
     def attention_sublayer(self, layer_id: int, h: torch.Tensor, batch: StepBatch) -> torch.Tensor:
         block = self.layers[layer_id]
-        collapsed, post, comb = hc_weights(h, block.hc_attn_fn, block.hc_attn_base, block.hc_attn_scale, self.cfg)
+        collapsed, post, comb = hc_weights(h, block.hc_attn_fn, block.hc_attn_base, block.hc_attn_scale, self.cfg,
+                                           self.sinkhorn)
         layer_states = [s.layers[layer_id] for s in batch.states]
         out = block.attn(block.attn_norm(collapsed), batch, layer_states, self.compress_inv_freq)
         return hc_merge(out, h, post, comb)
 
     def moe_begin(self, layer_id: int, h: torch.Tensor, batch: StepBatch) -> MoEWork:
         block = self.layers[layer_id]
-        collapsed, post, comb = hc_weights(h, block.hc_ffn_fn, block.hc_ffn_base, block.hc_ffn_scale, self.cfg)
+        collapsed, post, comb = hc_weights(h, block.hc_ffn_fn, block.hc_ffn_base, block.hc_ffn_scale, self.cfg,
+                                           self.sinkhorn)
         x = block.ffn_norm(collapsed)
         expert_ids, weights = block.ffn.gate(x, batch.token_ids)
         return MoEWork(layer_id, x, expert_ids, weights, h, post, comb)

@@ -100,15 +100,20 @@ class ExpertBank(nn.Module):
             return torch.zeros_like(x)
         local = self.local_index.to(expert_ids.device)[expert_ids]              # [T, k]
         flat_local = local.flatten()
-        held = (flat_local >= 0).nonzero().squeeze(1)
-        if held.numel() == 0:
-            return torch.zeros_like(x)
+        if len(self.expert_ids) == self.cfg.n_routed_experts:   # every pair is held: no nonzero (a host sync)
+            held = torch.arange(flat_local.numel(), device=flat_local.device)
+        else:
+            held = (flat_local >= 0).nonzero().squeeze(1)
+            if held.numel() == 0:
+                return torch.zeros_like(x)
         return self._grouped(layer_id, x, flat_local, held, weights, expert_ids.shape[1])
 
     def _grouped(self, layer_id, x, flat_local, held, weights, k) -> torch.Tensor:
         I = self.cfg.moe_intermediate_size
         order = held[torch.argsort(flat_local[held], stable=True)]               # (token, slot) pairs by expert
-        counts = torch.bincount(flat_local[order], minlength=len(self.expert_ids))  # [E]
+        # [E] pairs per expert (a scatter, not bincount: bincount reads its max back to the host)
+        counts = torch.zeros(len(self.expert_ids), dtype=torch.int64, device=x.device).index_add_(
+            0, flat_local[order], torch.ones_like(order))
         token_rows, flat_w = order // k, weights.flatten()[order]
         w13, w2t = self.w13[layer_id], self.w2t[layer_id]
         xs = x[token_rows]                                                         # [P, hidden], by expert

@@ -1,0 +1,102 @@
+"""Where a decode step's time goes: operator and kernel counts, top operators, host syncs.
+
+    python benchmarks/decode_profile.py [--preset small] [--checkpoint DIR] [--batches 1,8]
+        [--dtype float32|bfloat16] [--steps 3] [--out FILE]
+
+One process holding every expert (DeepseekV4), on CUDA when available. For each batch size: the
+sequences get a 256-token prompt, then `--steps` decode steps run under torch.profiler; reports per
+step the wall time, the number of aten operators launched from Python, CUDA kernels launched and
+their summed GPU time, cudaStreamSynchronize / cudaMemcpyAsync calls, and the operators with the
+most self CPU time. Prints JSON (also to --out, default $OUT/decode_profile.json when $OUT is set);
+appends nothing to RESULTS.md (a diagnostic, not a target).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from model_shards import DeepseekV4, ModelConfig  # noqa: E402
+from model_shards.random_checkpoint import generate  # noqa: E402
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def profile_batch(model: DeepseekV4, batch: int, steps: int, device: str) -> dict:
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(batch)
+    states = [model.new_state() for _ in range(batch)]
+    model.step(states, [torch.randint(0, vocab, (256,), generator=gen) for _ in range(batch)], all_logits=False)
+    tokens = [torch.randint(0, vocab, (1,), generator=gen) for _ in range(batch)]
+    for _ in range(3):
+        model.step(states, tokens, all_logits=False)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        model.step(states, tokens, all_logits=False)
+    sync(device)
+    step_ms = (time.perf_counter() - t0) / steps * 1e3
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            model.step(states, tokens, all_logits=False)
+        sync(device)
+    events = prof.key_averages()
+    aten = [e for e in events if e.key.startswith("aten::")]
+    top = sorted(aten, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+    out = {"step_ms": round(step_ms, 2),
+           "aten_ops_per_step": round(sum(e.count for e in aten) / steps),
+           "top_self_cpu_ms_per_step": {e.key: round(e.self_cpu_time_total / 1e3 / steps, 3) for e in top}}
+    if device == "cuda":
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        runtime = {e.key: e.count for e in events if e.key.startswith("cuda")}
+        out.update(kernels_per_step=round(len(kernels) / steps),
+                   gpu_kernel_ms_per_step=round(sum(e.device_time_total for e in kernels) / 1e3 / steps, 3),
+                   stream_syncs_per_step=round(runtime.get("cudaStreamSynchronize", 0) / steps),
+                   memcpy_async_per_step=round(runtime.get("cudaMemcpyAsync", 0) / steps),
+                   launches_per_step=round(runtime.get("cudaLaunchKernel", 0) / steps))
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="small")
+    p.add_argument("--checkpoint", default=None, help="reuse this checkpoint directory (generated there if absent)")
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
+    path = args.checkpoint or tempfile.mkdtemp(prefix="decode_profile_")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        generate(path, args.preset, "hf", "none", seed=0, dtype=dtype, with_mtp=False)
+    model = DeepseekV4.from_pretrained(path, dtype=dtype, device=device, load_mtp=False)
+    cfg: ModelConfig = model.config
+    result = {"preset": args.preset, "device": device, "dtype": str(dtype).removeprefix("torch."),
+              "num_layers": cfg.num_layers, "threads": torch.get_num_threads(), "decode": {}}
+    for batch in (int(b) for b in args.batches.split(",")):
+        result["decode"][f"batch_{batch}"] = profile_batch(model, batch, args.steps, device)
+        print(f"batch {batch}: {result['decode'][f'batch_{batch}']}", file=sys.stderr, flush=True)
+    out = args.out or (os.path.join(os.environ["OUT"], "decode_profile.json") if os.environ.get("OUT") else None)
+    if out:
+        with open(out, "w") as f:
+            json.dump(result, f, indent=2)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
