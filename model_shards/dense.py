@@ -29,8 +29,9 @@ from .attention import Attention
 from .batch import DecodeMeta, StepBatch
 from .compressor import RMSNormWeight
 from .config import ModelConfig
+from .fused import Sinkhorn
 from .moe import Gate, SharedExpert
-from .ops import Sinkhorn, rms_norm, rope_cis, rope_inv_freq, sinkhorn
+from .ops import rms_norm, rope_cis, rope_inv_freq, sinkhorn
 from .state import SequenceState
 from .state_pool import StatePool
 

@@ -1,20 +1,28 @@
-"""FusedLinear: several nn.Linear layers that read the same input, run as one matmul.
+"""Fewer kernel launches for the same math: FusedLinear and Sinkhorn (transforms in the gpt-fast
+sense: the model's math stays in the plain modules; these only change how it is launched).
 
+FusedLinear: several nn.Linear layers that read the same input, run as one matmul.
 Owns: the concatenated weight [sum of out features, in] of its linears. On first use the weights
 are concatenated once and each Linear's weight is re-pointed to its rows of the fused tensor (a
 view), so the checkpoint names and `state_dict()` stay as they were and no memory is duplicated.
 The fused tensor is rebuilt whenever any weight changes: another tensor assigned (a load), data
 moved (`.to()`), or an in-place write (the version counter), all of which the cache key sees.
 
-A transform in the gpt-fast sense: the math is exactly the separate linears' (each output column
-is the same dot product), only the number of kernel launches changes.
+The math is exactly the separate linears' (each output column is the same dot product).
+
+Sinkhorn: mHC's Sinkhorn normalisation (ops.sinkhorn) with its GPU loop compiled into one kernel.
+Owns: the compiled function (one per model that holds it).
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .ops import sinkhorn, sinkhorn_torch
 
 
 class FusedLinear:
@@ -41,3 +49,26 @@ class FusedLinear:
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x [..., in] -> one [..., out_i] view per linear, in order."""
         return list(F.linear(x, self.weight()).split(self._sizes, dim=-1))
+
+
+class Sinkhorn:
+    """`sinkhorn` with the GPU loop fused: on CUDA the ~3 * 2 * num_iters tiny kernels (the largest
+    share of a decode step's launches) become one, through torch.compile, built on first use. If
+    compiling fails (no Triton, no compiler) it says so once and stays eager. CPU: the numpy path
+    of ops.sinkhorn. Owned by the model that calls it (DenseModel), so the compiled function has an owner."""
+
+    def __init__(self, is_compiled_on_gpu: bool = True):
+        self.is_compiled_on_gpu = is_compiled_on_gpu
+        self._compiled = None
+
+    def __call__(self, comb: torch.Tensor, num_iters: int, eps: float) -> torch.Tensor:
+        if comb.device.type != "cuda" or not self.is_compiled_on_gpu:
+            return sinkhorn(comb, num_iters, eps)
+        if self._compiled is None:
+            self._compiled = torch.compile(sinkhorn_torch, dynamic=True, fullgraph=True)
+        try:
+            return self._compiled(comb, num_iters, eps)
+        except Exception as e:  # noqa: BLE001 - any compile failure: stay correct, just slower
+            warnings.warn(f"fused GPU Sinkhorn unavailable ({type(e).__name__}: {e}); running it eagerly")
+            self.is_compiled_on_gpu = False
+            return sinkhorn_torch(comb, num_iters, eps)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import torch
@@ -45,38 +44,16 @@ def sinkhorn(comb: torch.Tensor, num_iters: int, eps: float) -> torch.Tensor:
             a /= a.sum(axis=-1, keepdims=True) + e
             a /= a.sum(axis=-2, keepdims=True) + e
         return torch.from_numpy(a)
-    return _sinkhorn_torch(comb, num_iters, eps)
+    return sinkhorn_torch(comb, num_iters, eps)
 
 
-def _sinkhorn_torch(comb: torch.Tensor, num_iters: int, eps: float) -> torch.Tensor:
+def sinkhorn_torch(comb: torch.Tensor, num_iters: int, eps: float) -> torch.Tensor:
+    """`sinkhorn` as torch ops on any device (what fused.Sinkhorn compiles for GPUs)."""
     comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
     for _ in range(num_iters - 1):
         comb = comb / (comb.sum(dim=-1, keepdim=True) + eps)
         comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
     return comb
-
-
-class Sinkhorn:
-    """`sinkhorn` with the GPU loop fused: on CUDA the ~3 * 2 * num_iters tiny kernels (the largest
-    share of a decode step's launches) become one, through torch.compile, built on first use. If
-    compiling fails (no Triton, no compiler) it says so once and stays eager. CPU: numpy as above.
-    Owned by the model that calls it (DenseModel, MTPLayer), so the compiled function has an owner."""
-
-    def __init__(self, is_compiled_on_gpu: bool = True):
-        self.is_compiled_on_gpu = is_compiled_on_gpu
-        self._compiled = None
-
-    def __call__(self, comb: torch.Tensor, num_iters: int, eps: float) -> torch.Tensor:
-        if comb.device.type != "cuda" or not self.is_compiled_on_gpu:
-            return sinkhorn(comb, num_iters, eps)
-        if self._compiled is None:
-            self._compiled = torch.compile(_sinkhorn_torch, dynamic=True, fullgraph=True)
-        try:
-            return self._compiled(comb, num_iters, eps)
-        except Exception as e:  # noqa: BLE001 - any compile failure: stay correct, just slower
-            warnings.warn(f"fused GPU Sinkhorn unavailable ({type(e).__name__}: {e}); running it eagerly")
-            self.is_compiled_on_gpu = False
-            return _sinkhorn_torch(comb, num_iters, eps)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:

@@ -166,9 +166,10 @@ def test_query_block_size_does_not_change_prefill(model, monkeypatch):
 
 def test_sinkhorn_numpy_path_equals_the_torch_loop_bitwise():
     """CPU runs Sinkhorn in numpy, GPUs run the torch loop (fused there): the same arithmetic."""
-    from model_shards.ops import Sinkhorn, _sinkhorn_torch, sinkhorn
+    from model_shards.fused import Sinkhorn
+    from model_shards.ops import sinkhorn, sinkhorn_torch
     comb = torch.rand(5, 4, 4, generator=torch.Generator().manual_seed(0)) + 1e-6
-    want = _sinkhorn_torch(comb, 20, 1e-6)
+    want = sinkhorn_torch(comb, 20, 1e-6)
     assert torch.equal(sinkhorn(comb, 20, 1e-6), want)
     assert torch.equal(Sinkhorn()(comb, 20, 1e-6), want)        # on CPU the owner object is the numpy path
     assert torch.allclose(want.sum(dim=-2), torch.ones(5, 4), atol=1e-5)   # columns normalised last
