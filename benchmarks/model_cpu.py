@@ -3,7 +3,8 @@
     python benchmarks/model_cpu.py [--preset small] [--prefill 2048] [--decode-steps 16]
 
 Reports prefill tokens/s (one prompt of --prefill tokens) and decode tokens/s at batch 1 and 8
-(after a 256-token prompt per sequence), each with the ratio ours / transformers, and each decode
+(after a 256-token prompt per sequence; the best of 3 windows of --decode-steps steps for both
+implementations, since this shared VM's speed drifts), each with the ratio ours / transformers, and each decode
 step against its memory floor (the bytes the step must read / this machine's read bandwidth:
 transformers' step time / floor is the best ratio any implementation could reach); and the peak RSS
 growth while loading the official FP8/FP4 checkpoint of the same preset, against the bytes of the
@@ -27,6 +28,9 @@ from model_shards import DeepseekV4  # noqa: E402
 from model_shards.random_checkpoint import generate  # noqa: E402
 
 
+REPEATS = 3  # decode: best of this many windows of --decode-steps steps (this VM's speed drifts)
+
+
 def timed(fn, repeats: int = 1) -> float:
     best = float("inf")
     for _ in range(repeats):
@@ -46,10 +50,7 @@ def bench_ours(model: DeepseekV4, prompt_len: int, batch: int, steps: int, vocab
     tokens = [torch.randint(0, vocab, (1,), generator=gen) for _ in range(batch)]
     for _ in range(2):  # warm-up
         model.step(states, tokens, all_logits=False)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        model.step(states, tokens, all_logits=False)
-    decode_s = (time.perf_counter() - t0) / steps
+    decode_s = timed(lambda: [model.step(states, tokens, all_logits=False) for _ in range(steps)], REPEATS) / steps
     return prompt_len / prefill_s, batch / decode_s
 
 
@@ -63,10 +64,7 @@ def bench_reference(ref, prompt_len: int, batch: int, steps: int, vocab: int) ->
     token = torch.randint(0, vocab, (batch, 1), generator=gen)
     for _ in range(2):  # warm-up
         ref(token, past_key_values=cache, use_cache=True)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        ref(token, past_key_values=cache, use_cache=True)
-    decode_s = (time.perf_counter() - t0) / steps
+    decode_s = timed(lambda: [ref(token, past_key_values=cache, use_cache=True) for _ in range(steps)], REPEATS) / steps
     return prompt_len / prefill_s, batch / decode_s
 
 
