@@ -225,8 +225,8 @@ class Attention(nn.Module):
         B, W = q.shape[0], self.window
         if meta is not None:
             ring = meta.pool.rings[self.layer_id]                                # [slots, W, D]
-            ring[meta.slots, meta.ring_rows] = kv
-            keys = ring[meta.slots]                                              # [B, W, D]
+            ring[meta.slot_ids, meta.ring_rows] = kv
+            keys = ring[meta.slot_ids]                                              # [B, W, D]
             key_ok = meta.window_ok
             for st in states:
                 st.num_tokens += 1

@@ -82,25 +82,25 @@ class StepBatch:
 @dataclass
 class DecodeMeta:
     """Per-step indices for decoding B sequences whose buffers live in one StatePool, shared by
-    every layer: token b (position p_b) writes ring row p_b % W of slot `slots[b]` and tail row
+    every layer: token b (position p_b) writes ring row p_b % W of slot `slot_ids[b]` and tail row
     p_b % rate; the sequences `completes[rate]` fill a compressor window this step and write its
-    entry (at position `entry_positions`) to (`entry_pages`, `entry_rows`)[rate]. `page_table[rate]`
+    entry (at position `entry_positions`) to (`entry_page_ids`, `entry_rows`)[rate]. `page_table[rate]`
     [B, max pages] lists each sequence's entry pages after this step (padded with the zero page 0);
     `entry_ok[rate]` marks the real entries of the flattened pages. Every index is computed on the
     host from the states' counters and reaches the device in ONE copy (no per-layer transfers)."""
     pool: Any
-    slots: torch.Tensor                       # [B] int64 pool slots
-    ring_rows: torch.Tensor                   # [B] int64, p % W
-    window_ok: torch.Tensor                   # [B, W] bool: ring rows holding one of the last W tokens
-    tail_rows: dict[int, torch.Tensor]        # rate -> [B] int64, p % rate
-    completes: dict[int, list[int]]           # rate -> batch indices whose window completes
-    complete_slots: dict[int, torch.Tensor]   # rate -> [F] their pool slots
-    entry_positions: dict[int, torch.Tensor]  # rate -> [F] token position of each new entry (its rope)
-    entry_pages: dict[int, torch.Tensor]      # rate -> [F] page of each completing sequence's new entry
-    entry_rows: dict[int, torch.Tensor]       # rate -> [F] row in that page
-    page_table: dict[int, torch.Tensor]       # rate -> [B, max pages] int64
-    entry_ok: dict[int, torch.Tensor]         # rate -> [B, max pages * page_size] bool
-    max_entries: dict[int, int]               # rate -> most entries any sequence has after this step
+    slot_ids: torch.Tensor                      # [B] int64 pool slots
+    ring_rows: torch.Tensor                     # [B] int64, p % W
+    window_ok: torch.Tensor                     # [B, W] bool: ring rows holding one of the last W tokens
+    tail_rows: dict[int, torch.Tensor]          # rate -> [B] int64, p % rate
+    completes: dict[int, list[int]]             # rate -> batch indices whose window completes
+    complete_slot_ids: dict[int, torch.Tensor]  # rate -> [F] their pool slots
+    entry_positions: dict[int, torch.Tensor]    # rate -> [F] token position of each new entry (its rope)
+    entry_page_ids: dict[int, torch.Tensor]     # rate -> [F] page of each completing sequence's new entry
+    entry_rows: dict[int, torch.Tensor]         # rate -> [F] row in that page
+    page_table: dict[int, torch.Tensor]         # rate -> [B, max pages] int64
+    entry_ok: dict[int, torch.Tensor]           # rate -> [B, max pages * page_size] bool
+    max_entries: dict[int, int]                 # rate -> most entries any sequence has after this step
 
     @classmethod
     def build(cls, states: list[SequenceState], device: torch.device | str, window: int) -> "DecodeMeta | None":
@@ -109,54 +109,55 @@ class DecodeMeta:
             return None
         B, P = len(states), pool.page_size
         positions = [s.num_tokens for s in states]
-        parts: list[list[int]] = [[s.slot for s in states], [p % window for p in positions], positions]
+        parts: list[list[int]] = [[s.slot_id for s in states], [p % window for p in positions], positions]
         completes, max_entries, num_pages = {}, {}, {}
         for r in pool.rates:
             counts = [(p + 1) // r for p in positions]                  # entries after this step
             for s, n in zip(states, counts):
-                pool.ensure_pages(s.pages[r], r, n)
+                pool.ensure_pages(s.page_ids[r], r, n)
             done = [b for b, p in enumerate(positions) if (p + 1) % r == 0]
             completes[r], max_entries[r] = done, max(counts)
             num_pages[r] = n_p = -(-max(counts) // P)
-            parts += [[p % r for p in positions], [states[b].slot for b in done],
+            table = [i for s in states for i in s.page_ids[r][:n_p] + [0] * (n_p - min(n_p, len(s.page_ids[r])))]
+            parts += [[p % r for p in positions], [states[b].slot_id for b in done],
                       [(counts[b] - 1) * r for b in done],
-                      [states[b].pages[r][(counts[b] - 1) // P] for b in done], [(counts[b] - 1) % P for b in done],
-                      counts, [i for s in states for i in s.pages[r][:n_p] + [0] * (n_p - min(n_p, len(s.pages[r])))]]
+                      [states[b].page_ids[r][(counts[b] - 1) // P] for b in done],
+                      [(counts[b] - 1) % P for b in done], counts, table]
         flat = torch.tensor([i for part in parts for i in part], dtype=torch.int64).to(device, non_blocking=True)
         views = list(flat.split([len(part) for part in parts]))
-        slots, ring_rows, pos = views[:3]
+        slot_ids, ring_rows, pos = views[:3]
         window_ok = torch.arange(window, device=device)[None, :] <= pos[:, None]   # before wrap-around
-        fields: dict[str, dict] = {k: {} for k in ("tail_rows", "complete_slots", "entry_positions", "entry_pages",
-                                                    "entry_rows", "page_table", "entry_ok")}
+        fields: dict[str, dict] = {k: {} for k in ("tail_rows", "complete_slot_ids", "entry_positions",
+                                                    "entry_page_ids", "entry_rows", "page_table", "entry_ok")}
         for i, r in enumerate(pool.rates):
             tail, cslots, epos, epages, erows, counts, table = views[3 + 7 * i: 10 + 7 * i]
-            fields["tail_rows"][r], fields["complete_slots"][r], fields["entry_positions"][r] = tail, cslots, epos
-            fields["entry_pages"][r], fields["entry_rows"][r] = epages, erows
+            fields["tail_rows"][r], fields["complete_slot_ids"][r], fields["entry_positions"][r] = tail, cslots, epos
+            fields["entry_page_ids"][r], fields["entry_rows"][r] = epages, erows
             fields["page_table"][r] = table.view(B, num_pages[r])
             fields["entry_ok"][r] = torch.arange(num_pages[r] * P, device=device)[None, :] < counts[:, None]
-        return cls(pool, slots, ring_rows, window_ok, completes=completes, max_entries=max_entries, **fields)
+        return cls(pool, slot_ids, ring_rows, window_ok, completes=completes, max_entries=max_entries, **fields)
 
     def compressor(self, layer_id: int, name: str, rate: int) -> "PooledCompressor":
         pool = self.pool
         kv, gate = pool.tails[(layer_id, name)]
         ov_kv, ov_gate = pool.overlaps.get((layer_id, name), (None, None))
-        return PooledCompressor(kv, gate, ov_kv, ov_gate, pool.pages[(layer_id, name)], self.slots,
-                                self.tail_rows[rate], self.completes[rate], self.complete_slots[rate],
-                                self.entry_positions[rate], self.entry_pages[rate], self.entry_rows[rate])
+        return PooledCompressor(kv, gate, ov_kv, ov_gate, pool.pages[(layer_id, name)], self.slot_ids,
+                                self.tail_rows[rate], self.completes[rate], self.complete_slot_ids[rate],
+                                self.entry_positions[rate], self.entry_page_ids[rate], self.entry_rows[rate])
 
 
 @dataclass
 class PooledCompressor:
     """One compressor's pool buffers and this step's indices into them (see DecodeMeta)."""
-    tail_kv: torch.Tensor                     # [slots, rate, in_dim]
+    tail_kv: torch.Tensor                       # [slots, rate, in_dim]
     tail_gate: torch.Tensor
-    overlap_kv: torch.Tensor | None           # [slots, rate, dim] (CSA)
+    overlap_kv: torch.Tensor | None             # [slots, rate, dim] (CSA)
     overlap_gate: torch.Tensor | None
-    entry_pages_store: torch.Tensor           # [pages, page_size, dim]
-    slots: torch.Tensor                       # [B]
-    tail_rows: torch.Tensor                   # [B]
+    entry_pages_store: torch.Tensor             # [pages, page_size, dim]
+    slot_ids: torch.Tensor                      # [B]
+    tail_rows: torch.Tensor                     # [B]
     completes: list[int]
-    complete_slots: torch.Tensor              # [F]
-    entry_positions: torch.Tensor             # [F]
-    entry_pages: torch.Tensor                 # [F]
-    entry_rows: torch.Tensor                  # [F]
+    complete_slot_ids: torch.Tensor             # [F]
+    entry_positions: torch.Tensor               # [F]
+    entry_page_ids: torch.Tensor                # [F]
+    entry_rows: torch.Tensor                    # [F]

@@ -102,23 +102,23 @@ class Compressor(nn.Module):
             cs.append_entries(entries[f: f + 1])
 
     def _push_decode_pooled(self, states, kv, gate, inv_freq, p: "PooledCompressor") -> None:
-        p.tail_kv[p.slots, p.tail_rows] = kv
-        p.tail_gate[p.slots, p.tail_rows] = gate
+        p.tail_kv[p.slot_ids, p.tail_rows] = kv
+        p.tail_gate[p.slot_ids, p.tail_rows] = gate
         for cs in states:
             cs.num_tail += 1
         if not p.completes:
             return
-        slots = p.complete_slots
-        win_kv, win_gate = p.tail_kv[slots], p.tail_gate[slots] + self.ape       # [F, rate, in_dim]
+        slot_ids = p.complete_slot_ids
+        win_kv, win_gate = p.tail_kv[slot_ids], p.tail_gate[slot_ids] + self.ape       # [F, rate, in_dim]
         prev_kv = prev_gate = None
         if self.is_overlapping:
             d = self.dim
-            prev_kv, prev_gate = p.overlap_kv[slots], p.overlap_gate[slots]      # [F, rate, d]
-            p.overlap_kv[slots] = win_kv[:, :, :d]
-            p.overlap_gate[slots] = win_gate[:, :, :d]
+            prev_kv, prev_gate = p.overlap_kv[slot_ids], p.overlap_gate[slot_ids]      # [F, rate, d]
+            p.overlap_kv[slot_ids] = win_kv[:, :, :d]
+            p.overlap_gate[slot_ids] = win_gate[:, :, :d]
         full = [states[b] for b in p.completes]
-        p.entry_pages_store[p.entry_pages, p.entry_rows] = self._pool(win_kv, win_gate, prev_kv, prev_gate,
-                                                                      p.entry_positions, inv_freq)
+        p.entry_pages_store[p.entry_page_ids, p.entry_rows] = self._pool(win_kv, win_gate, prev_kv, prev_gate,
+                                                                         p.entry_positions, inv_freq)
         for cs in full:
             cs.num_tail = 0
             cs.num_entries += 1

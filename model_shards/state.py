@@ -212,9 +212,9 @@ class SequenceState:
     dtype: torch.dtype = torch.float32
     device: torch.device | str = "cpu"
     extra: dict = field(default_factory=dict)  # owner-specific tags (e.g. a request id); not exported
-    pool: Any = None                           # the StatePool whose slot `slot` holds the fixed buffers
-    slot: int = -1
-    pages: dict = field(default_factory=dict)  # pooled: rate -> entry page ids (shared by that rate's layers)
+    pool: Any = None                              # the StatePool whose slot `slot_id` holds the fixed buffers
+    slot_id: int = -1
+    page_ids: dict = field(default_factory=dict)  # pooled: rate -> entry page ids (shared by that rate's layers)
 
     @classmethod
     def new(cls, cfg: ModelConfig, dtype: torch.dtype = torch.float32,

@@ -60,10 +60,10 @@ class StatePool:
         for kv, gate in self.overlaps.values():
             kv[slot].zero_()
             gate[slot].fill_(float("-inf"))   # "no previous window"
-        state.pool, state.slot, state.pages = self, slot, {r: [] for r in self.rates}
+        state.pool, state.slot_id, state.page_ids = self, slot, {r: [] for r in self.rates}
         self._attach(state, slot)
         self._live[slot] = state
-        weakref.finalize(state, self._release, slot, state.pages)
+        weakref.finalize(state, self._release, slot, state.page_ids)
         return state
 
     @property
@@ -87,7 +87,7 @@ class StatePool:
                 if (i, name) in self.overlaps:
                     kv, gate = self.overlaps[(i, name)]
                     cs._overlap_kv, cs._overlap_gate = kv[slot], gate[slot]
-                cs._paged = (self, (i, name), state.pages[cs.rate])
+                cs._paged = (self, (i, name), state.page_ids[cs.rate])
 
     # ---- entry pages ----------------------------------------------------------------------------
     def ensure_pages(self, pages: list[int], rate: int, num_entries: int) -> None:

@@ -54,7 +54,7 @@ def test_pooled_and_standalone_decode_agree_across_pages_and_growth(model):
     for g, w in zip(got, want):
         assert rel_err(g, w) <= 1e-5
     # entries span several 2-entry pages; the pool grew its pages (CSA rate 4: 59 tokens -> 14 entries)
-    assert len(pooled[3].pages[4]) == 7 and pool.num_pages[4] >= 1 + sum(len(s.pages[4]) for s in pooled)
+    assert len(pooled[3].page_ids[4]) == 7 and pool.num_pages[4] >= 1 + sum(len(s.page_ids[4]) for s in pooled)
     for p, s in zip(pooled, standalone):
         exported, expected = p.export(), s.export()
         assert exported.keys() == expected.keys()
@@ -93,7 +93,7 @@ def test_reused_slot_starts_clean(model):
     del first
     gc.collect()
     again = model.new_state()
-    assert again.slot == 0 and pool.num_slots == 1
+    assert again.slot_id == 0 and pool.num_slots == 1
     assert torch.equal(model.step([again], [ids])[0], want)
 
 
@@ -106,7 +106,7 @@ def test_load_into_pooled_state_and_clone_is_standalone(model):
     restored = model.new_state()
     restored.load(tensors)
     copy = src.clone()
-    assert copy.pool is None and copy.slot == -1 and restored.pool is src.pool
+    assert copy.pool is None and copy.slot_id == -1 and restored.pool is src.pool
     nxt = random_ids(6, vocab, seed=2)
     a, b, c = (decode(model, [s], [nxt])[0] for s in (src, restored, copy))
     assert torch.equal(a, b) and rel_err(c, a) <= 1e-5
