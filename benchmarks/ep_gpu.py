@@ -9,7 +9,7 @@ Measures, for the `medium` preset (bf16, random weights):
 - decode step time at batch 1 / 64 / 256 (each sequence with --context tokens of history), with
   overlap off (micro_batches=1) and on (micro_batches=2), and each step as a multiple of its HBM
   floor: (bytes the step must read: router weights + KV state + the experts its tokens hit on the
-  busiest shard) / measured device copy bandwidth (read + write bytes per second of a 1 GiB copy);
+  busiest shard) / measured read bandwidth (`benchmarks.common.read_gbps`: (read + write) bytes/s of a 1 GiB device copy on GPUs);
 - prefill tokens/s for --prefill-tokens tokens split over --prefill-seqs sequences (micro-batches
   split by sequence), overlap off vs on;
 - where the time goes: router dense compute vs time blocked on the experts (StepTiming), and the
@@ -32,7 +32,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benchmarks.common import append_results, machine  # noqa: E402
+from benchmarks.common import append_results, machine, read_gbps  # noqa: E402
 
 
 class Bench:
@@ -60,18 +60,8 @@ class Bench:
             self.runner.step(states[i: i + step], prompts[i: i + step])
 
     def copy_gbps(self) -> float:
-        """Device copy bandwidth, (read + write) bytes / s of a 1 GiB copy (256 MiB on CPU)."""
-        n = (1 << 30) if self.is_gpu else (1 << 28)
-        dev = self.runner.router.dense.device
-        a = torch.empty(n, dtype=torch.uint8, device=dev)
-        b = torch.empty_like(a)
-        b.copy_(a)
-        self._sync()
-        t0 = time.perf_counter()
-        for _ in range(5):
-            b.copy_(a)
-        self._sync()
-        return 2 * n * 5 / (time.perf_counter() - t0) / 1e9
+        """The device's read bandwidth for the floor (benchmarks.common.read_gbps)."""
+        return read_gbps(self.runner.router.dense.device)
 
     def decode(self, batch: int, context: int, steps: int, micro_batches: int, max_prefill: int) -> dict:
         r = self.runner

@@ -115,12 +115,18 @@ def test_ties_in_topk_go_to_lower_index():
     assert stable_topk(torch.zeros(1, 6), 2).tolist() == [[0, 1]]
 
 
+def routed_tokens(cfg, num_tokens: int, seed: int):
+    """Random MoE inputs: x [T, hidden], distinct expert ids [T, k], routing weights [T, k]."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_tokens, cfg.hidden_size, generator=gen)
+    ids = torch.stack([torch.randperm(cfg.n_routed_experts, generator=gen)[: cfg.num_experts_per_tok]
+                       for _ in range(num_tokens)])
+    return x, ids, torch.rand(num_tokens, cfg.num_experts_per_tok, generator=gen)
+
+
 def test_expert_bank_subset_computes_its_share(model):
     bank, cfg = model.experts, model.config
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(6, cfg.hidden_size, generator=gen)
-    ids = torch.stack([torch.randperm(cfg.n_routed_experts, generator=gen)[: cfg.num_experts_per_tok] for _ in range(6)])
-    w = torch.rand(6, cfg.num_experts_per_tok, generator=gen)
+    x, ids, w = routed_tokens(cfg, 6, seed=0)
     from model_shards import ExpertBank
     parts = [[0, 2, 4], [1, 3, 5, 6]]
     banks = []
@@ -138,10 +144,7 @@ def test_expert_bank_subset_computes_its_share(model):
 
 def test_expert_bank_grouped_mm_equals_per_expert_loop(model):
     bank, cfg = model.experts, model.config
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(9, cfg.hidden_size, generator=gen)
-    ids = torch.stack([torch.randperm(cfg.n_routed_experts, generator=gen)[: cfg.num_experts_per_tok] for _ in range(9)])
-    w = torch.rand(9, cfg.num_experts_per_tok, generator=gen)
+    x, ids, w = routed_tokens(cfg, 9, seed=1)
     assert bank._can_grouped_mm(x)            # CPU: the one-call path is the default
     grouped = bank(2, x, ids, w)
     bank._is_grouped_mm_ok = False
