@@ -33,22 +33,33 @@ class ModelRunner(Protocol):
 
 
 class LocalRunner:
-    """Single-process runner: the model with all experts in this process."""
+    """Single-process runner: the model with all experts in this process. On a GPU whose model
+    can be captured (model_shards.cuda_graph), decode-only steps replay CUDA graphs; prefill and
+    mixed steps, and every step on CPU, run the model eagerly."""
 
-    def __init__(self, model: DeepseekV4):
+    def __init__(self, model: DeepseekV4, cuda_graphs: bool = True, max_num_seqs: int = 64):
         self.model = model
         self.config = model.config
         self.fingerprint = model.fingerprint
+        self.graphs = None
+        dense = model.dense
+        if cuda_graphs and dense.device.type == "cuda" and model.experts.is_sync_free(dense.device, dense.dtype):
+            from model_shards.cuda_graph import DecodeGraphs
+            self.graphs = DecodeGraphs(model, max_batch=max_num_seqs)
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                        progress=None) -> "LocalRunner":
-        return cls(DeepseekV4.from_pretrained(path, dtype=dtype, device=device, progress=progress))
+                        progress=None, cuda_graphs: bool = True, max_num_seqs: int = 64) -> "LocalRunner":
+        model = DeepseekV4.from_pretrained(path, dtype=dtype, device=device, progress=progress)
+        return cls(model, cuda_graphs=cuda_graphs, max_num_seqs=max_num_seqs)
 
     def new_state(self) -> SequenceState:
         return self.model.new_state()
 
     def step(self, states, token_ids, all_logits: bool = False):
+        """Logits rows of a graph step are views of its output: read them before the next step."""
+        if self.graphs is not None and not all_logits and self.graphs.can_step(states, token_ids):
+            return self.graphs.step(states, token_ids)
         return self.model.step(states, token_ids, all_logits=all_logits)
 
     def is_healthy(self) -> bool:

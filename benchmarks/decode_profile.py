@@ -1,7 +1,7 @@
 """Where a decode step's time goes: operator and kernel counts, top operators, host syncs.
 
     python benchmarks/decode_profile.py [--preset small] [--checkpoint DIR] [--batches 1,8]
-        [--dtype float32|bfloat16] [--steps 3] [--out FILE]
+        [--dtype float32|bfloat16] [--steps 3] [--graphs] [--out FILE]
 
 One process holding every expert (DeepseekV4), on CUDA when available. For each batch size: the
 sequences get a 256-token prompt, then `--steps` decode steps run under torch.profiler; reports per
@@ -34,29 +34,47 @@ def sync(device: str) -> None:
 
 
 @torch.no_grad()
-def profile_batch(model: DeepseekV4, batch: int, steps: int, device: str) -> dict:
+def profile_batch(model: DeepseekV4, batch: int, steps: int, device: str, is_graphs: bool = False) -> dict:
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(batch)
     states = [model.new_state() for _ in range(batch)]
     model.step(states, [torch.randint(0, vocab, (256,), generator=gen) for _ in range(batch)], all_logits=False)
     tokens = [torch.randint(0, vocab, (1,), generator=gen) for _ in range(batch)]
+    if is_graphs:
+        from model_shards.cuda_graph import DecodeGraphs
+        graphs = DecodeGraphs(model, max_batch=batch)
+
+        def step():
+            graphs.step(states, tokens)
+    else:
+        def step():
+            model.step(states, tokens, all_logits=False)
     for _ in range(3):
-        model.step(states, tokens, all_logits=False)
+        step()
     sync(device)
     t0 = time.perf_counter()
+    host = 0.0
     for _ in range(steps):
-        model.step(states, tokens, all_logits=False)
+        h0 = time.perf_counter()
+        step()
+        host += time.perf_counter() - h0
     sync(device)
     step_ms = (time.perf_counter() - t0) / steps * 1e3
+    host_ms = host / steps * 1e3   # until step() returned: host work, plus any wait for the GPU inside it
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
-            model.step(states, tokens, all_logits=False)
+            step()
         sync(device)
     events = prof.key_averages()
     aten = [e for e in events if e.key.startswith("aten::")]
     top = sorted(aten, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
-    out = {"step_ms": round(step_ms, 2),
+    top_kernels = {}
+    if device == "cuda":
+        gpu = sorted((e for e in events if e.device_time_total > 0 and not e.key.startswith("aten::")),
+                     key=lambda e: e.device_time_total, reverse=True)[:12]
+        top_kernels = {e.key[:80]: round(e.device_time_total / 1e3 / steps, 3) for e in gpu}
+    out = {"step_ms": round(step_ms, 2), "host_ms_in_step_call": round(host_ms, 2), "top_gpu_ms_per_step": top_kernels,
            "aten_ops_per_step": round(sum(e.count for e in aten) / steps),
            "top_self_cpu_ms_per_step": {e.key: round(e.self_cpu_time_total / 1e3 / steps, 3) for e in top}}
     if device == "cuda":
@@ -77,6 +95,7 @@ def main() -> None:
     p.add_argument("--batches", default="1,8")
     p.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--graphs", action="store_true", help="replay decode steps from CUDA graphs (model_shards.cuda_graph)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -86,10 +105,10 @@ def main() -> None:
         generate(path, args.preset, "hf", "none", seed=0, dtype=dtype, with_mtp=False)
     model = DeepseekV4.from_pretrained(path, dtype=dtype, device=device, load_mtp=False)
     cfg: ModelConfig = model.config
-    result = {"preset": args.preset, "device": device, "dtype": str(dtype).removeprefix("torch."),
+    result = {"preset": args.preset, "device": device, "graphs": args.graphs, "dtype": str(dtype).removeprefix("torch."),
               "num_layers": cfg.num_layers, "threads": torch.get_num_threads(), "decode": {}}
     for batch in (int(b) for b in args.batches.split(",")):
-        result["decode"][f"batch_{batch}"] = profile_batch(model, batch, args.steps, device)
+        result["decode"][f"batch_{batch}"] = profile_batch(model, batch, args.steps, device, args.graphs)
         print(f"batch {batch}: {result['decode'][f'batch_{batch}']}", file=sys.stderr, flush=True)
     out = args.out or (os.path.join(os.environ["OUT"], "decode_profile.json") if os.environ.get("OUT") else None)
     if out:

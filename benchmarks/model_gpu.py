@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import os
+
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # deterministic cuBLAS for the graph check
 import sys
 import tempfile
 import time
@@ -30,6 +32,56 @@ def sync():
 
 
 @torch.no_grad()
+def graph_decode(model, prompt: torch.Tensor, batch: int, floor_ms: float, is_compiled: bool = False) -> dict:
+    """Decode steps replayed from CUDA graphs (model_shards.cuda_graph): step time (host
+    preparation included: the step's index build and copy, the replay, the counters' update),
+    capture time, and a check that a replay gives bitwise the same logits as the same fixed-shape
+    step run without the graph (from identical states, deterministic kernels). `is_compiled`:
+    torch.compile the step before capturing it; Inductor's fused kernels round differently, so
+    the check reports the largest relative difference instead of bitwise equality."""
+    from model_shards.cuda_graph import DecodeGraphs
+
+    graphs = DecodeGraphs(model, max_batch=batch, is_compiled=is_compiled)
+    graphs.reserve(2 * batch + 2, 512)
+    uncaptured = DecodeGraphs(model, max_batch=batch, is_captured=False)
+    prompt = prompt.cpu()            # sampled tokens reach a step from the host
+    base = [model.new_state() for _ in range(batch)]
+    model.step(base, [prompt[:256].to(model.dense.device) for _ in range(batch)], all_logits=False)
+    twins = []
+    for _ in range(2):
+        twins.append([model.new_state() for _ in range(batch)])
+        for s, b in zip(twins[-1], base):
+            s.load(b.export())
+    del base
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    sync()
+    t0 = time.perf_counter()
+    is_equal, worst = True, 0.0
+    for t in range(3):
+        toks = [prompt[256 + t + k: 257 + t + k] for k in range(batch)]
+        got = torch.stack(graphs.step(twins[0], toks)).float()
+        want = torch.stack(uncaptured.step(twins[1], toks)).float()
+        is_equal &= torch.equal(got, want)
+        worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
+        if t == 0:
+            sync()
+            capture_s = time.perf_counter() - t0
+    torch.use_deterministic_algorithms(False)
+    toks = [prompt[:1] for _ in range(batch)]
+    for _ in range(3):
+        graphs.step(twins[0], toks)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        graphs.step(twins[0], toks)
+    sync()
+    step_ms = (time.perf_counter() - t0) / 20 * 1e3
+    return {"step_ms": round(step_ms, 3), "x_floor": round(step_ms / floor_ms, 2),
+            "first_step_with_capture_s": round(capture_s, 2), "num_captures": graphs.num_captures,
+            "replay_equals_uncaptured_step_bitwise": bool(is_equal), "max_rel_diff_vs_uncaptured": round(worst, 5)}
+
+
+@torch.no_grad()
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--preset", default="small")
@@ -38,11 +90,15 @@ def main() -> None:
     p.add_argument("--no-parity", action="store_true",
                    help="skip the fp32 CUDA-vs-CPU check and write the checkpoint in bf16 (large presets)")
     p.add_argument("--checkpoint", default=None, help="reuse this checkpoint directory (generated there if absent)")
+    p.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph decode measurement")
+    p.add_argument("--compiled-batches", default="",
+                   help="also measure these batch sizes with the step torch.compile'd before capture (~90 s each)")
     p.add_argument("--no-append", action="store_true")
     p.add_argument("--out", default=None, help="also write the JSON here (default: $OUT/model_gpu.json if $OUT)")
     args = p.parse_args()
     out_path = args.out or (os.path.join(os.environ["OUT"], "model_gpu.json") if os.environ.get("OUT") else None)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    compiled_batches = {int(b) for b in args.compiled_batches.split(",") if b}
     result: dict = {"preset": args.preset, "device": device, "machine": machine()}
     with tempfile.TemporaryDirectory() as tmp:
         if args.checkpoint:
@@ -98,8 +154,15 @@ def main() -> None:
             step_ms = (time.perf_counter() - t0) / 10 * 1e3
             result[f"decode_b{batch}_step_ms"] = round(step_ms, 2)
             del states
-            result[f"decode_b{batch}_floor"] = decode_floor(model, batch, step_ms=step_ms)
-            print(f"decode batch {batch}: {step_ms:.2f} ms/step; floor {result[f'decode_b{batch}_floor']}", flush=True)
+            result[f"decode_b{batch}_floor"] = floor = decode_floor(model, batch, step_ms=step_ms)
+            print(f"decode batch {batch}: {step_ms:.2f} ms/step; floor {floor}", flush=True)
+            if not args.no_graphs and device == "cuda":
+                result[f"decode_b{batch}_graphs"] = graph_decode(model, prompt, batch, floor["floor_ms"])
+                print(f"decode batch {batch} with CUDA graphs: {result[f'decode_b{batch}_graphs']}", flush=True)
+            if batch in compiled_batches and device == "cuda":
+                result[f"decode_b{batch}_compiled_graphs"] = graph_decode(model, prompt, batch, floor["floor_ms"], True)
+                print(f"decode batch {batch}, compiled + graphs: {result[f'decode_b{batch}_compiled_graphs']}",
+                      flush=True)
     if out_path:
         import json
         with open(out_path, "w") as f:

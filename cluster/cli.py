@@ -40,6 +40,7 @@ def _serve_config(args):
         "num_replicas": args.replicas, "num_expert_shards": args.expert_shards,
         "micro_batches": args.micro_batches, "max_num_seqs": args.max_num_seqs,
         "kv_device_bytes": args.kv_device_bytes, "kv_enabled": not args.no_kv_cache,
+        "device": args.device, "dtype": args.dtype, "cuda_graphs": not args.no_cuda_graphs,
     }
     if args.model:
         options["model"] = os.path.abspath(args.model)
@@ -287,6 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model id clients use (repeatable; default deepseek-v4-flash)")
     s.add_argument("--expert-shards", type=int, default=0, help="expert-shard actors per replica (0 = in-process)")
     s.add_argument("--micro-batches", type=int, default=1)
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where the engine's weights live (auto: CUDA when the engine sees a GPU)")
+    s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="weights' dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+    s.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly on GPUs too")
     s.add_argument("--replicas", type=int, default=1, help="engine replicas")
     s.add_argument("--max-num-seqs", type=int, default=64)
     s.add_argument("--redis-url", help="host-RAM KV tier (default: a private redis-server if one is found)")

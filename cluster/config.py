@@ -40,6 +40,9 @@ class ServeConfig:
     transport: str = "collective"            # actors.launch: "collective" (torch.distributed) or "ray"
     engine_num_cpus: float = 1.0
     engine_num_gpus: float = 0.0
+    device: str = "auto"                     # the Engine's weights: "auto" (CUDA if it sees a GPU), "cpu", "cuda"
+    dtype: str = "auto"                      # "auto" (bfloat16 on CUDA, float32 on CPU), "float32", "bfloat16"
+    cuda_graphs: bool = True                 # replay decode steps from CUDA graphs where the model allows
     ingress_num_cpus: float = 0.0
     # engine
     max_num_seqs: int = 64
@@ -100,6 +103,9 @@ class ServeConfig:
         check(self.kv_block_tokens >= 128 and self.kv_block_tokens % 128 == 0,
               f"kv_block_tokens must be a positive multiple of 128, got {self.kv_block_tokens}")
         check(self.transport in ("collective", "ray"), f"transport must be 'collective' or 'ray', got {self.transport!r}")
+        check(self.device in ("auto", "cpu", "cuda"), f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        check(self.dtype in ("auto", "float32", "bfloat16"),
+              f"dtype must be 'auto', 'float32' or 'bfloat16', got {self.dtype!r}")
         check(self.api_key is None or len(self.api_key) >= 1, "api_key must be non-empty when set")
         check(self.model is None or isinstance(self.model, str), "model must be a path")
         try:
@@ -113,6 +119,18 @@ class ServeConfig:
         return EngineConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
                             max_num_waiting=self.max_num_waiting, max_model_len=self.max_model_len,
                             is_test_hooks_enabled=self.is_test_hooks_enabled).validate()
+
+    def resolve_device(self) -> tuple[str, "torch.dtype"]:
+        """(device, dtype) for the Engine's weights, in the process that loads them (a Ray actor
+        with num_gpus > 0 sees its GPU). Asking for "cuda" where there is none is an error."""
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+        if self.device == "cuda" and not has_cuda:
+            raise ConfigError("device 'cuda': this process sees no GPU (set engine_num_gpus >= 1 on a GPU node)")
+        device = "cuda" if self.device == "cuda" or (self.device == "auto" and has_cuda) else "cpu"
+        name = self.dtype if self.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+        return device, getattr(torch, name)
 
     def kv_options(self) -> dict:
         return dict(device_bytes=self.kv_device_bytes, block_tokens=self.kv_block_tokens,

@@ -76,11 +76,13 @@ def report_prefills(engine: Engine, replica_index: int) -> None:
 
 
 def make_runner(config: ServeConfig, checkpoint_dir: str, progress=None):
+    device, dtype = config.resolve_device()
     if config.num_expert_shards == 0:
-        return LocalRunner.from_pretrained(checkpoint_dir, progress=progress)
+        return LocalRunner.from_pretrained(checkpoint_dir, dtype=dtype, device=device, progress=progress,
+                                           cuda_graphs=config.cuda_graphs, max_num_seqs=config.max_num_seqs)
     from actors.launch import launch  # lazy: starts Ray actors (the expert shards)
     return launch(checkpoint_dir, num_expert_shards=config.num_expert_shards,
-                  micro_batches=config.micro_batches, transport=config.transport)
+                  micro_batches=config.micro_batches, transport=config.transport, dtype=dtype, device=device)
 
 
 def make_prefix_cache(config: ServeConfig, runner, replica_index: int):

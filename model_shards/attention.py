@@ -221,22 +221,22 @@ class Attention(nn.Module):
 
         Each sequence's latent goes into its ring row; the B rings are gathered and every ring row
         holding one of the last W tokens is a key (a decode query sees its whole window), then the
-        attended entries follow. Pooled states (`meta`): one indexed write and one gather."""
+        attended entries follow. Pooled states (`meta`): one indexed write and one gather, and
+        `states` is not read (shapes and branches come from `meta` alone)."""
         B, W = q.shape[0], self.window
-        if meta is not None:
+        if meta is not None:   # buffer writes only; the counters advance after the step
             ring = meta.pool.rings[self.layer_id]                                # [slots, W, D]
             ring[meta.slot_ids, meta.ring_rows] = kv
             keys = ring[meta.slot_ids]                                              # [B, W, D]
             key_ok = meta.window_ok
-            for st in states:
-                st.num_tokens += 1
         else:
             for b, st in enumerate(states):
                 st.write_window(kv[b: b + 1])
             keys = torch.stack([st.ring for st in states])                       # [B, W, D]
             seen = torch.tensor([st.num_tokens for st in states], device=kv.device)  # incl. this token
             key_ok = torch.arange(W, device=kv.device)[None, :] < seen[:, None]  # [B, W]
-        if self.compressor is not None and max(st.comp.num_entries for st in states):
+        if self.compressor is not None and (meta.max_entries[self.compressor.rate] if meta is not None
+                                            else max(st.comp.num_entries for st in states)):
             if meta is not None:
                 entries, entry_ok = self._decode_entries_paged(meta, idx_q, idx_w)  # [B, K, D], [B, K]
             else:

@@ -75,9 +75,10 @@ class Compressor(nn.Module):
                     inv_freq: torch.Tensor, pooled: "PooledCompressor | None" = None) -> None:
         """One new token for each of B sequences (kv / gate [B, in_dim]): each row goes into its
         state's tail in place; the sequences whose window completes pool it together. `pooled`:
-        the sequences' buffers live in a StatePool, so each update is one indexed op for all B."""
+        the sequences' buffers live in a StatePool, so each update is one indexed op for all B
+        (and `states` is not touched: their counters advance after the step)."""
         if pooled is not None:
-            self._push_decode_pooled(states, kv, gate, inv_freq, pooled)
+            self._push_decode_pooled(kv, gate, inv_freq, pooled)
             return
         for b, cs in enumerate(states):
             n = cs.num_tail
@@ -101,12 +102,13 @@ class Compressor(nn.Module):
                 cs.set_overlap(win_kv[f, :, : self.dim], win_gate[f, :, : self.dim])
             cs.append_entries(entries[f: f + 1])
 
-    def _push_decode_pooled(self, states, kv, gate, inv_freq, p: "PooledCompressor") -> None:
+    def _push_decode_pooled(self, kv, gate, inv_freq, p: "PooledCompressor") -> None:
+        """Buffer writes only: the states' counters advance after the step (DecodePlan.advance).
+        Fixed shape (`p.completes` None): every row pools its tail as if complete; the rows that
+        are not write their entry to the scratch page and keep their overlap (torch.where)."""
         p.tail_kv[p.slot_ids, p.tail_rows] = kv
         p.tail_gate[p.slot_ids, p.tail_rows] = gate
-        for cs in states:
-            cs.num_tail += 1
-        if not p.completes:
+        if p.completes is not None and not p.completes:
             return
         slot_ids = p.complete_slot_ids
         win_kv, win_gate = p.tail_kv[slot_ids], p.tail_gate[slot_ids] + self.ape       # [F, rate, in_dim]
@@ -114,14 +116,14 @@ class Compressor(nn.Module):
         if self.is_overlapping:
             d = self.dim
             prev_kv, prev_gate = p.overlap_kv[slot_ids], p.overlap_gate[slot_ids]      # [F, rate, d]
-            p.overlap_kv[slot_ids] = win_kv[:, :, :d]
-            p.overlap_gate[slot_ids] = win_gate[:, :, :d]
-        full = [states[b] for b in p.completes]
+            new_kv, new_gate = win_kv[:, :, :d], win_gate[:, :, :d]
+            if p.completes is None:
+                done = p.complete_mask.view(-1, 1, 1)
+                new_kv, new_gate = torch.where(done, new_kv, prev_kv), torch.where(done, new_gate, prev_gate)
+            p.overlap_kv[slot_ids] = new_kv
+            p.overlap_gate[slot_ids] = new_gate
         p.entry_pages_store[p.entry_page_ids, p.entry_rows] = self._pool(win_kv, win_gate, prev_kv, prev_gate,
                                                                          p.entry_positions, inv_freq)
-        for cs in full:
-            cs.num_tail = 0
-            cs.num_entries += 1
 
     def _pool(self, win_kv, win_gate, prev_kv, prev_gate, positions, inv_freq) -> torch.Tensor:
         """Windows [N, rate, in_dim] (gates with the position bias), for CSA with the previous

@@ -127,14 +127,18 @@ class DenseModel(nn.Module):
     # ---- step API ----------------------------------------------------------------------------
     def begin_step(self, states: list[SequenceState], token_ids: list[torch.Tensor]) -> tuple[torch.Tensor, StepBatch]:
         batch = StepBatch.build(states, token_ids, self.device, vocab_size=self.cfg.vocab_size)
-        batch.rope["main"] = rope_cis(self.main_inv_freq, batch.positions, self.cfg.main_rope.attention_factor)
-        batch.rope["compress"] = rope_cis(self.compress_inv_freq, batch.positions,
-                                              self.cfg.compress_rope.attention_factor)
         if batch.decode_segments:
             dec_states = [states[k] for k in batch.decode_segments]
             batch.decode = DecodeMeta.build(dec_states, self.device, self.cfg.sliding_window)
+        return self.embed_step(batch), batch
+
+    def embed_step(self, batch: StepBatch) -> torch.Tensor:
+        """Device work only (a CUDA graph captures it): the step's rope tables and h [T, hc, hidden]."""
+        batch.rope["main"] = rope_cis(self.main_inv_freq, batch.positions, self.cfg.main_rope.attention_factor)
+        batch.rope["compress"] = rope_cis(self.compress_inv_freq, batch.positions,
+                                              self.cfg.compress_rope.attention_factor)
         h = self.embed(batch.token_ids)                                          # [T, hidden]
-        return h.unsqueeze(1).expand(-1, self.cfg.hc_mult, -1).contiguous(), batch
+        return h.unsqueeze(1).expand(-1, self.cfg.hc_mult, -1).contiguous()
 
     def attention_sublayer(self, layer_id: int, h: torch.Tensor, batch: StepBatch) -> torch.Tensor:
         block = self.layers[layer_id]
@@ -172,6 +176,14 @@ class DenseModel(nn.Module):
         """Logits of `rows` (default: all tokens) and advance every state by its segment length."""
         hidden = self.final_hidden(h if rows is None else h[rows])
         logits = self.head(hidden)
+        self.advance(batch)
+        return (logits, hidden) if return_hidden else logits
+
+    @staticmethod
+    def advance(batch: StepBatch) -> None:
+        """Every state moves past its segment (pooled decode rows also get their per-layer
+        counters here: the step itself only wrote their buffers)."""
+        if batch.decode is not None:
+            batch.decode.plan.advance([batch.states[k] for k in batch.decode_segments])
         for state, n in zip(batch.states, batch.lengths):
             state.num_tokens += n
-        return (logits, hidden) if return_hidden else logits

@@ -65,13 +65,9 @@ class DeepseekV4(nn.Module):
 
         Returns per-sequence logits ([S_k, vocab] each, or [vocab] of the last token when
         `all_logits=False`). `routed` replaces the local ExpertBank (e.g. remote shards)."""
-        routed = routed or self.experts
         dense = self.dense
         h, batch = dense.begin_step(states, [t.reshape(-1) for t in token_ids])
-        for i in range(self.config.num_layers):
-            h = dense.attention_sublayer(i, h, batch)
-            work = dense.moe_begin(i, h, batch)
-            h = dense.moe_end(work, routed(i, work.x, work.expert_ids, work.weights))
+        h = self.layers_step(h, batch, routed)
         rows = None if all_logits else batch.last_rows()
         logits, hidden = dense.finish_step(h, batch, rows, return_hidden=True)
         if all_logits:
@@ -80,6 +76,16 @@ class DeepseekV4(nn.Module):
         else:
             per_seq, hid = list(logits), list(hidden)
         return (per_seq, hid) if return_hidden else per_seq
+
+    def layers_step(self, h: torch.Tensor, batch, routed: RoutedFn | None = None) -> torch.Tensor:
+        """Every decoder layer over h [T, hc, hidden] (device work only; a CUDA graph captures it)."""
+        routed = routed or self.experts
+        dense = self.dense
+        for i in range(self.config.num_layers):
+            h = dense.attention_sublayer(i, h, batch)
+            work = dense.moe_begin(i, h, batch)
+            h = dense.moe_end(work, routed(i, work.x, work.expert_ids, work.weights))
+        return h
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, state: SequenceState | None = None) -> torch.Tensor:

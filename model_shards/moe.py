@@ -79,9 +79,10 @@ class ExpertBank(nn.Module):
         if len(set(self.expert_ids)) != len(self.expert_ids) or any(
                 not 0 <= e < cfg.n_routed_experts for e in self.expert_ids):
             raise ValueError(f"expert ids must be distinct and in [0, {cfg.n_routed_experts}): {expert_ids}")
-        local = torch.full((cfg.n_routed_experts,), -1, dtype=torch.int64)
-        local[torch.tensor(self.expert_ids, dtype=torch.int64)] = torch.arange(len(self.expert_ids))
-        self.register_buffer("local_index", local, persistent=False)
+        local = [-1] * cfg.n_routed_experts
+        for i, e in enumerate(self.expert_ids):
+            local[e] = i
+        self.register_buffer("local_index", torch.tensor(local, dtype=torch.int64, device=device), persistent=False)
         self._is_grouped_mm_ok = True   # set False (fallback to the loop) if the backend refuses it
         E, I, Dm = len(self.expert_ids), cfg.moe_intermediate_size, cfg.hidden_size
         make = (lambda *s: torch.zeros(*s, dtype=dtype, device=device)) if allocate else (
@@ -98,7 +99,9 @@ class ExpertBank(nn.Module):
         Rows routed to no held expert stay zero."""
         if x.shape[0] == 0:
             return torch.zeros_like(x)
-        local = self.local_index.to(expert_ids.device)[expert_ids]              # [T, k]
+        if self.local_index.device != expert_ids.device:   # once, if the bank was moved by hand
+            self.local_index = self.local_index.to(expert_ids.device)
+        local = self.local_index[expert_ids]                                       # [T, k]
         flat_local = local.flatten()
         if len(self.expert_ids) == self.cfg.n_routed_experts:   # every pair is held: no nonzero (a host sync)
             held = torch.arange(flat_local.numel(), device=flat_local.device)
@@ -128,13 +131,22 @@ class ExpertBank(nn.Module):
                 self._is_grouped_mm_ok = False
         if y is None:
             y = torch.empty_like(xs)
-            begin = 0
-            for e, n in enumerate(counts.tolist()):
-                if n:
-                    h = xs[begin: begin + n] @ w13[e].T                              # [n, 2I]
-                    y[begin: begin + n] = swiglu(h[:, :I], h[:, I:], self.cfg.swiglu_limit) @ w2t[e]
-                    begin += n
+            self._run_segments(xs, y, w13, w2t, _segments(counts.tolist()))
         return torch.zeros_like(x).index_add_(0, token_rows, y * flat_w[:, None].to(x.dtype))
+
+    def _run_segments(self, xs, y, w13, w2t, segments: list[tuple[int, int, int]]) -> None:
+        """y[b:b+n] = expert e(xs[b:b+n]) for each (e, b, n): the per-expert loop."""
+        I = self.cfg.moe_intermediate_size
+        for e, begin, n in segments:
+            h = xs[begin: begin + n] @ w13[e].T                                    # [n, 2I]
+            y[begin: begin + n] = swiglu(h[:, :I], h[:, I:], self.cfg.swiglu_limit) @ w2t[e]
+
+    def is_sync_free(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether forward() on `device` in `dtype` needs no host round trip (a CUDA graph can
+        capture it): the grouped path, with every expert held (no nonzero)."""
+        x = torch.empty(0, dtype=dtype, device=device)
+        return (device.type == "cuda" and self._can_grouped_mm(x)
+                and len(self.expert_ids) == self.cfg.n_routed_experts)
 
     def _can_grouped_mm(self, x: torch.Tensor) -> bool:
         """torch._grouped_mm runs on CPU for any float dtype; on CUDA only bf16 on sm90+ (else loop)."""
@@ -144,3 +156,13 @@ class ExpertBank(nn.Module):
             return True
         return (x.device.type == "cuda" and x.dtype == torch.bfloat16
                 and torch.cuda.get_device_capability(x.device)[0] >= 9)
+
+
+def _segments(counts: list[int]) -> list[tuple[int, int, int]]:
+    """(local expert, first row, number of rows) of every hit expert, rows sorted by expert."""
+    segments, begin = [], 0
+    for e, n in enumerate(counts):
+        if n:
+            segments.append((e, begin, n))
+            begin += n
+    return segments

@@ -13,6 +13,11 @@ tensors still works, while a decode step over B pooled sequences reads and write
 one indexed op per tensor (see batch.DecodeMeta). The slot and pages are given back when the state
 is garbage collected (clones and `SequenceState.from_export` states are standalone). Growth doubles
 a buffer: slot views of live states are re-pointed; pages are addressed by id, so they need nothing.
+`generation` counts growths (a captured CUDA graph holds the buffers' addresses and is stale after one).
+
+Fixed-shape decode steps (CUDA graphs, see cuda_graph.py) also need somewhere harmless to write:
+`pad_slot_id` (a slot no sequence owns, for padding rows) and per rate a `scratch_page_ids` page
+(where rows that complete no window write their unused entry). Both are reserved on first use.
 """
 
 from __future__ import annotations
@@ -44,6 +49,9 @@ class StatePool:
         self._free_pages: dict[int, list[int]] = {r: [] for r in self.rates}
         self.num_slots = 0
         self.num_pages = {r: 0 for r in self.rates}
+        self.generation = 0                       # +1 on every growth (buffers re-allocated)
+        self._pad_slot_id: int | None = None
+        self._scratch_page_ids: dict[int, int] = {}
         self._grow_slots(num_slots)
         for r in self.rates:
             self._grow_pages(r, num_pages)
@@ -88,6 +96,32 @@ class StatePool:
                     kv, gate = self.overlaps[(i, name)]
                     cs._overlap_kv, cs._overlap_gate = kv[slot], gate[slot]
                 cs._paged = (self, (i, name), state.page_ids[cs.rate])
+
+    # ---- fixed-shape steps ----------------------------------------------------------------------
+    @property
+    def pad_slot_id(self) -> int:
+        """A slot owned by no sequence: padding rows of fixed-shape steps read and write it."""
+        if self._pad_slot_id is None:
+            if not self._free_slots:
+                self._grow_slots(2 * self.num_slots)
+            self._pad_slot_id = self._free_slots.pop()
+        return self._pad_slot_id
+
+    def scratch_page_id(self, rate: int) -> int:
+        """A page of `rate` owned by no sequence: fixed-shape steps write unused entries there."""
+        if rate not in self._scratch_page_ids:
+            if not self._free_pages[rate]:
+                self._grow_pages(rate, 2 * self.num_pages[rate])
+            self._scratch_page_ids[rate] = self._free_pages[rate].pop()
+        return self._scratch_page_ids[rate]
+
+    def reserve(self, num_slots: int, num_pages: dict[int, int]) -> None:
+        """Grow now to at least these capacities (so that later steps do not re-allocate)."""
+        if num_slots > self.num_slots:
+            self._grow_slots(num_slots)
+        for rate, n in num_pages.items():
+            if n > self.num_pages[rate]:
+                self._grow_pages(rate, n)
 
     # ---- entry pages ----------------------------------------------------------------------------
     def ensure_pages(self, pages: list[int], rate: int, num_entries: int) -> None:
@@ -139,6 +173,7 @@ class StatePool:
             self._attach(state, slot)
         self._free_slots = list(range(num_slots - 1, old - 1, -1)) + self._free_slots
         self.num_slots = num_slots
+        self.generation += 1
 
     def _grow_pages(self, rate: int, num_pages: int) -> None:
         old = self.num_pages[rate]
@@ -148,6 +183,7 @@ class StatePool:
         # page 0 stays a zero page (padding of page tables)
         self._free_pages[rate] = list(range(num_pages - 1, max(old, 1) - 1, -1)) + self._free_pages[rate]
         self.num_pages[rate] = num_pages
+        self.generation += 1
 
 
 def _compressors(layer) -> list[tuple[str, object]]:

@@ -160,6 +160,24 @@ def test_test_hooks_off_by_default(tiny_ckpt):
     assert ServeConfig.from_args({"served_model_names": "deepseek-v4-pro"}).served_model_names == ("deepseek-v4-pro",)
 
 
+def test_device_and_dtype_options():
+    import torch
+
+    from cluster.config import ConfigError, ServeConfig
+
+    with pytest.raises(ConfigError, match="device must be"):
+        ServeConfig.from_args({"device": "tpu"})
+    with pytest.raises(ConfigError, match="dtype must be"):
+        ServeConfig.from_args({"dtype": "float16"})
+    has_cuda = torch.cuda.is_available()
+    assert ServeConfig.from_args({}).resolve_device() == (
+        ("cuda", torch.bfloat16) if has_cuda else ("cpu", torch.float32))
+    assert ServeConfig.from_args({"device": "cpu", "dtype": "bfloat16"}).resolve_device() == ("cpu", torch.bfloat16)
+    if not has_cuda:
+        with pytest.raises(ConfigError, match="sees no GPU"):
+            ServeConfig.from_args({"device": "cuda"}).resolve_device()
+
+
 def test_embedded_tiny_checkpoint(tmp_path):
     from cluster.tiny_checkpoint import ensure_tiny_checkpoint
     path = ensure_tiny_checkpoint(str(tmp_path))

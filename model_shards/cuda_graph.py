@@ -1,0 +1,167 @@
+"""DecodeGraphs: decode steps replayed from CUDA graphs (a transform in the gpt-fast sense: the
+model's math stays in the plain modules; this only changes how a decode step is launched).
+
+Owns: the captured graphs of one DeepseekV4 and, per graph, its static inputs (the step's index
+tensor and token ids) and output (logits). Sequence state stays in the model's StatePool.
+
+A decode step of the eager model costs ~1,000 kernel launches and their Python; the GPU does a
+few ms of work in a 35-50 ms step. A graph replays the same kernels with no host work, so the
+step is bound by the GPU. What makes a step capturable (all done in model_shards, not here):
+- every index is computed on the host by `DecodePlan` and reaches the device in ONE copy into the
+  graph's static buffer; masks and views are derived from it inside the graph;
+- shapes and branches depend only on the graph's key: rows padded to a batch bucket (padding rows
+  use the pool's pad slot), page tables padded to a width bucket per compression rate, and every
+  row pools a compressor window, with the rows that complete none writing to a scratch page;
+- the step only writes pool buffers; the states' counters advance on the host after the replay.
+A graph holds the pool buffers' addresses: when the pool grows (`StatePool.generation`) every graph
+is dropped and recaptured on demand, so `reserve()` the capacity you serve with.
+
+`is_captured=False` runs the identical fixed-shape step eagerly (on CPU in tests: same indices,
+padding and masks, without the graph).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .batch import DecodeMeta, DecodePlan, StepBatch
+from .state import SequenceState
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
+
+
+@dataclass
+class _Graph:
+    indices: torch.Tensor              # [num indices] int64, device: the step's DecodePlan.indices
+    token_ids: torch.Tensor            # [B] int64, device
+    logits: torch.Tensor               # [B, vocab] output of the last replay
+    graph: "torch.cuda.CUDAGraph | None"
+    staging: torch.Tensor | None = None        # pinned host [num indices + B]: copies that do not
+    copied: "torch.cuda.Event | None" = None   # wait for the GPU; `copied` guards its reuse
+
+    def load_inputs(self, indices: torch.Tensor, token_ids: torch.Tensor) -> None:
+        n, B = indices.numel(), token_ids.numel()
+        if self.staging is None:       # eager fixed-shape steps (no graph)
+            self.indices.copy_(indices)
+            self.token_ids[:B].copy_(token_ids)
+            return
+        self.copied.synchronize()      # the previous step's copy out of `staging` is done
+        self.staging[:n].copy_(indices)
+        self.staging[n: n + B].copy_(token_ids)
+        self.indices.copy_(self.staging[:n], non_blocking=True)
+        self.token_ids[:B].copy_(self.staging[n: n + B], non_blocking=True)
+        self.copied.record()
+
+
+class DecodeGraphs:
+    def __init__(self, model, max_batch: int = 256, is_captured: bool | None = None,
+                 batch_buckets: tuple[int, ...] = BATCH_BUCKETS, is_compiled: bool = False):
+        self.model = model
+        self.buckets = tuple(b for b in batch_buckets if b < max_batch) + (max_batch,)
+        if is_captured is None:   # CUDA, and experts that run without host syncs (bf16 on sm90+)
+            is_captured = model.experts.is_sync_free(model.dense.device, model.dense.dtype)
+        self.is_captured = is_captured
+        self.is_compiled = is_compiled   # torch.compile the step before capturing it (experimental)
+        self._compiled_forward = None
+        self._graphs: dict[tuple, _Graph] = {}
+        self._generation = -1            # pool generation the graphs were captured at
+        self._mempool = None
+        self.num_captures = 0
+
+    def reserve(self, num_seqs: int, max_tokens: int) -> None:
+        """Grow the model's pool now for `num_seqs` sequences of up to `max_tokens` tokens, so that
+        serving never re-allocates it (which would drop every graph). Costs the memory up front."""
+        dense = self.model.dense
+        if dense.state_pool is None:
+            dense.new_state()           # makes the pool
+        pool = dense.state_pool
+        per_seq = {r: -(-(max_tokens // r) // pool.page_size) for r in pool.rates}
+        pool.reserve(num_seqs + 2, {r: num_seqs * n + 2 for r, n in per_seq.items()})   # + pad / zero, scratch
+
+    # ---- the step ---------------------------------------------------------------------------
+    def can_step(self, states: list[SequenceState], token_ids: list[torch.Tensor]) -> bool:
+        """Decode only (one new token each), every state in the model's pool, batch within bounds."""
+        pool = self.model.dense.state_pool
+        return (0 < len(states) <= self.buckets[-1] and pool is not None
+                and all(s.pool is pool for s in states) and all(t.numel() == 1 for t in token_ids))
+
+    @torch.no_grad()
+    def step(self, states: list[SequenceState], token_ids: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Like `model.step(states, token_ids, all_logits=False)`: per sequence the logits [vocab] of
+        its new token. They are views of the graph's output, valid until its next replay."""
+        if not self.can_step(states, token_ids):
+            raise ValueError("DecodeGraphs.step takes one new token for each of 1..max_batch pooled states")
+        cfg, dense = self.model.config, self.model.dense
+        ids = torch.cat([t.reshape(1).to(torch.int64) for t in token_ids])
+        if int(ids.max()) >= cfg.vocab_size or int(ids.min()) < 0:
+            raise ValueError(f"token id out of range [0, {cfg.vocab_size})")
+        pool = dense.state_pool
+        pool.pad_slot_id, [pool.scratch_page_id(r) for r in pool.rates]   # reserved before any capture
+        num_rows = next(b for b in self.buckets if b >= len(states))
+        P = pool.page_size
+        num_pages = {r: _page_bucket(-(-max((s.num_tokens + 1) // r for s in states) // P)) for r in pool.rates}
+        plan = DecodePlan.build(states, cfg.sliding_window, num_rows, num_pages)   # may grow the pool
+        if pool.generation != self._generation:
+            self._graphs.clear()                  # buffers moved: every captured address is stale
+            self._mempool = None                  # (its memory went with the graphs; a new pool)
+            self._generation = pool.generation
+        key = (num_rows, tuple(sorted(num_pages.items())))
+        g = self._graphs.get(key)
+        if g is None:
+            g = self._graphs[key] = self._capture(num_rows, num_pages)
+        g.load_inputs(plan.indices, ids)
+        if g.graph is not None:
+            g.graph.replay()
+        else:
+            g.logits = self._forward(g.indices, g.token_ids, plan)
+        plan.advance(states)
+        for s in states:
+            s.num_tokens += 1
+        return list(g.logits[: len(states)])
+
+    # ---- capture ----------------------------------------------------------------------------
+    def _forward(self, indices: torch.Tensor, token_ids: torch.Tensor, plan: DecodePlan) -> torch.Tensor:
+        """The fixed-shape step from its static inputs: device work only."""
+        dense = self.model.dense
+        meta = DecodeMeta.from_indices(plan, indices, dense.device)
+        batch = StepBatch.fixed_decode(token_ids, meta)
+        h = self.model.layers_step(dense.embed_step(batch), batch)
+        return dense.head(dense.final_hidden(h))                                 # [B, vocab]
+
+    def _capture(self, num_rows: int, num_pages: dict[int, int]) -> _Graph:
+        """A graph for (num_rows, num_pages), recorded from an all-padding step so that warm-up
+        runs write only the pad slot and scratch pages."""
+        dense = self.model.dense
+        plan = DecodePlan.build([], self.model.config.sliding_window, num_rows, num_pages, pool=dense.state_pool)
+        indices = plan.indices.to(dense.device)
+        token_ids = torch.zeros(num_rows, dtype=torch.int64, device=dense.device)
+        if not self.is_captured:
+            return _Graph(indices, token_ids, torch.empty(0), None)
+        forward = self._forward
+        if self.is_compiled:
+            if self._compiled_forward is None:
+                self._compiled_forward = torch.compile(self._forward, dynamic=False)
+            forward = self._compiled_forward
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):           # warm-up: compile, allocate, build fused weights
+            for _ in range(2):
+                forward(indices, token_ids, plan)
+        torch.cuda.current_stream().wait_stream(stream)
+        if self._mempool is None:
+            self._mempool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._mempool):
+            logits = forward(indices, token_ids, plan)
+        self.num_captures += 1
+        staging = torch.empty(indices.numel() + num_rows, dtype=torch.int64, pin_memory=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return _Graph(indices, token_ids, logits, graph, staging, copied)
+
+
+def _page_bucket(num_pages: int) -> int:
+    """Page-table width for `num_pages` needed: 0, or the next power of two (few graphs, < 2x reads)."""
+    return 0 if num_pages == 0 else 1 << (num_pages - 1).bit_length()
