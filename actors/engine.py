@@ -27,7 +27,7 @@ from typing import AsyncIterator
 import torch
 
 from actors.engine_output import FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH, OutputProcessor
-from actors.engine_prefix import NoPrefixCache, PrefixCache
+from actors.engine_prefix import NoPrefixCache, PrefixCache, PrefixHit
 from actors.messages import Admitted, EngineStats, GenerateRequest, Rejected, TokenEvent
 from actors.sampling import SamplingError, SeqSampler, TokenLogprob
 from actors.scheduler import RUNNING, Scheduler, SchedulerConfig, SchedulerOutput, Sequence
@@ -216,12 +216,13 @@ class Engine:
             return Rejected(rid, 429, "the server is busy: too many requests are waiting; retry later")
         return None
 
-    def _new_state(self, tensors: dict[str, torch.Tensor] | None) -> SequenceState:
-        """A state from the runner's state pool, loaded from looked-up tensors if given. Runs on the
-        model thread: the pool's buffers must not grow while a step is using them."""
+    def _new_state(self, hit: PrefixHit | None) -> SequenceState | None:
+        """A state from the runner's state pool, filled from a cache hit if given (None when the
+        hit failed its checks while loading: the caller recomputes). Runs on the model thread:
+        the pool's buffers must not grow while a step is using them."""
         state = self.runner.new_state()
-        if tensors is not None:
-            state.load(tensors)
+        if hit is not None and not hit.load_into(state):
+            return None
         return state
 
     async def _admit(self, request: GenerateRequest) -> Sequence | Rejected:
@@ -231,10 +232,12 @@ class Engine:
             try:
                 hit = await asyncio.get_running_loop().run_in_executor(
                     self._cache_pool, self.cache.lookup, prompt, request.cache_salt, len(prompt) - 1)
-                if hit.num_tokens > 0 and hit.state_tensors is not None:
-                    state = await asyncio.get_running_loop().run_in_executor(
-                        self._model_pool, self._new_state, hit.state_tensors)
-                    num_cached, tier = hit.num_tokens, hit.tier
+                if hit.is_hit:
+                    state = await asyncio.get_running_loop().run_in_executor(self._model_pool, self._new_state, hit)
+                    if state is not None:
+                        num_cached, tier = hit.num_tokens, hit.tier
+                    else:
+                        log.warning("KV hit for %s failed its checks while loading; recomputing", rid)
             except Exception:  # a broken cache costs a recompute, never a failed request
                 log.exception("KV lookup failed for %s", rid)
         if state is None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, is_dataclass
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import torch
 
@@ -25,9 +25,22 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PrefixHit:
-    num_tokens: int                               # tokens covered by `state_tensors` (0 = miss)
-    state_tensors: dict[str, torch.Tensor] | None  # SequenceState.export() at num_tokens
-    tier: str | None = None
+    num_tokens: int                               # tokens covered by the hit (0 = miss)
+    state_tensors: dict[str, torch.Tensor] | None  # SequenceState.export() at num_tokens, or None when
+    tier: str | None = None                       # the hit is deferred (`load_into` copies it)
+    deferred: Any = None                          # an object with load_into(state) -> bool
+
+    @property
+    def is_hit(self) -> bool:
+        return self.num_tokens > 0 and (self.state_tensors is not None or self.deferred is not None)
+
+    def load_into(self, state) -> bool:
+        """Fill a fresh state with the hit. False: a record failed its check while loading (it was
+        deleted from its tier); `state` is partly written and must be discarded."""
+        if self.deferred is not None:
+            return self.deferred.load_into(state)
+        state.load(self.state_tensors)
+        return True
 
 
 class PrefixCache(Protocol):
@@ -91,8 +104,11 @@ class KVServicePrefixCache:
         return cls(service)
 
     def lookup(self, token_ids, salt, max_tokens) -> PrefixHit:
-        res = self.service.lookup(token_ids, salt, max_tokens=max_tokens)
-        return PrefixHit(res.num_cached_tokens, res.state_tensors, res.checkpoint_tier)
+        """Deferred: the record bytes are verified and copied once, straight into the engine's
+        state, when it calls `load_into` on its model thread."""
+        res = self.service.lookup(token_ids, salt, max_tokens=max_tokens, is_deferred=True)
+        return PrefixHit(res.num_cached_tokens, res.state_tensors, res.checkpoint_tier,
+                         res if res.is_hit and res.state_tensors is None else None)
 
     def prompt_checkpoints(self, num_prompt_tokens: int) -> list[int]:
         positions = set(self.service.checkpoint_positions(num_prompt_tokens, num_prompt_tokens))

@@ -159,7 +159,7 @@ def launch(checkpoint_dir: str, num_expert_shards: int = 2, micro_batches: int =
            dtype: torch.dtype = torch.float32, device: str | torch.device | None = None,
            shard_resources: list[dict] | None = None, cpus_per_shard: float = 1.0,
            collective_timeout_s: float = 20.0, restart_timeout_s: float = 120.0, max_restarts: int = 3,
-           placement_timeout_s: float = 60.0) -> EPRunner:
+           placement_timeout_s: float = 60.0, cuda_graphs: bool = True, max_graph_batch: int = 256) -> EPRunner:
     """Start N ExpertShard actors and a router in this process; see the module docstring."""
     if transport not in TRANSPORTS:
         raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
@@ -205,7 +205,11 @@ def launch(checkpoint_dir: str, num_expert_shards: int = 2, micro_batches: int =
                                           restart_timeout_s),
         "ray": RayTransport(shards, owner, cfg.hidden_size, dtype, dev, collective_timeout_s, restart_timeout_s),
     }
-    router = Router(dense, transports[transport], micro_batches)
+    graphs = None
+    if is_gpu and cuda_graphs:   # the router's decode steps replay graph segments around the dispatches
+        from model_shards.segment_graphs import SegmentGraphs
+        graphs = SegmentGraphs(dense, max_batch=max_graph_batch)
+    router = Router(dense, transports[transport], micro_batches, graphs)
     runner = EPRunner(cfg, checkpoint_fingerprint(checkpoint_dir), router, shards, infos, placement, transports,
                       assignment)
     if transport == "collective":

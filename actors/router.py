@@ -28,15 +28,20 @@ import time
 import torch
 
 from model_shards import DenseModel, SequenceState, StepBatch
+from model_shards.segment_graphs import SegmentGraphs
 
 from .messages import StepTiming
 from .transport import Transport
 
 
 class Router:
-    def __init__(self, dense: DenseModel, transport: Transport, micro_batches: int = 1):
+    def __init__(self, dense: DenseModel, transport: Transport, micro_batches: int = 1,
+                 graphs: SegmentGraphs | None = None):
+        """`graphs`: replay decode-only steps' dense work from CUDA-graph segments (see
+        model_shards.segment_graphs); other steps, and every step without it, run eagerly."""
         if micro_batches < 1:
             raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
+        self.graphs = graphs
         self.dense = dense
         self.config = dense.cfg
         self.transport = transport
@@ -68,20 +73,15 @@ class Router:
         dense, transport = self.dense, self.transport
         ids = [t.reshape(-1) for t in token_ids]
         groups = StepBatch.build(states, ids).split(num_parts)     # validates the step's shape
+        if self.graphs is not None and not all_logits and self.graphs.can_step(states, ids):
+            return self._graph_step(states, ids, groups, t_start)
         # begin_step validates token ids before any shard is involved
         mbs = [dense.begin_step([states[k] for k in g], [ids[k] for k in g]) for g in groups]
         transport.ensure_ready()
         self._step_id += 1
         timing = StepTiming(num_tokens=sum(b.num_tokens for _, b in mbs), num_micro_batches=len(mbs))
         transport.begin_step(self._step_id, self.layer_ids, tuple(b.num_tokens for _, b in mbs))
-        try:
-            hs = self._layers([h for h, _ in mbs], [b for _, b in mbs], timing)
-            transport.end_step()
-        except BaseException as e:
-            err = transport.abort_step(e)
-            if err is e:
-                raise
-            raise err from e
+        hs = self._in_step(lambda: self._layers([h for h, _ in mbs], [b for _, b in mbs], timing))
         out: list[torch.Tensor | None] = [None] * len(states)
         is_finite = True
         for g, h, (_, batch) in zip(groups, hs, mbs):
@@ -90,8 +90,24 @@ class Router:
             per_seq = [logits[s: s + n] for s, n in zip(batch.starts, batch.lengths)] if all_logits else list(logits)
             for k, lg in zip(g, per_seq):
                 out[k] = lg
+        return self._end(out, is_finite, timing, t_start)
+
+    def _in_step(self, run):
+        """run() between begin_step and end_step; on any error the transport aborts the step and
+        the shard's error (if it caused this one) is what propagates."""
+        try:
+            result = run()
+            self.transport.end_step()
+            return result
+        except BaseException as e:
+            err = self.transport.abort_step(e)
+            if err is e:
+                raise
+            raise err from e
+
+    def _end(self, out: list, is_finite: bool, timing: StepTiming, t_start: float) -> list[torch.Tensor]:
         if not is_finite:   # a shard whose compute raised answered NaN rows: surface its error
-            err = transport.step_error()
+            err = self.transport.step_error()
             if err is not None:
                 raise err
         timing.total_s = time.perf_counter() - t_start
@@ -116,6 +132,33 @@ class Router:
         for m in range(num_mb):
             hs[m] = dense.moe_end(works[m], self._combine(pending[m], timing), shared[m])
         return hs
+
+    def _graph_step(self, states, ids, groups, t_start) -> list[torch.Tensor]:
+        """A decode-only step with the dense work replayed from graph segments, in the same
+        ping-pong order as `_layers` (dispatch after the gate, shared expert while shards compute)."""
+        graphs, transport = self.graphs, self.transport
+        steps = graphs.begin([([states[k] for k in g], [ids[k] for k in g]) for g in groups])
+        transport.ensure_ready()
+        self._step_id += 1
+        timing = StepTiming(num_tokens=len(states), num_micro_batches=len(steps))
+        transport.begin_step(self._step_id, self.layer_ids, tuple(st.num_rows for st in steps))
+
+        def layers() -> list[list[torch.Tensor]]:
+            pending: list = [None] * len(steps)
+            for layer in self.layer_ids:
+                for m, st in enumerate(steps):
+                    routed = None if pending[m] is None else self._combine(pending[m], timing)
+                    x, expert_ids, weights = graphs.layer(st, layer, routed)
+                    pending[m] = transport.dispatch(layer, m, x, expert_ids, weights)
+                    graphs.shared(st, layer)                        # overlaps the experts
+            return [graphs.finish(st, self._combine(pending[m], timing)) for m, st in enumerate(steps)]
+
+        logits = self._in_step(layers)
+        out: list[torch.Tensor | None] = [None] * len(states)
+        for g, rows in zip(groups, logits):
+            for k, row in zip(g, rows):
+                out[k] = row
+        return self._end(out, bool(torch.isfinite(torch.stack(out)).all()), timing, t_start)
 
     def _combine(self, pending, timing: StepTiming) -> torch.Tensor:
         t0 = time.perf_counter()

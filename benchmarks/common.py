@@ -44,6 +44,18 @@ def append_results(title: str, result: dict, notes: str = "") -> None:
         f.write("```json\n" + json.dumps(result, indent=2) + "\n```\n")
 
 
+def emit(title: str, result: dict, out_path: str | None, is_appended: bool, notes: str = "") -> None:
+    """The end of a benchmark: the JSON to `out_path` (if any), then appended to RESULTS.md
+    (`is_appended`) or only printed."""
+    if out_path:
+        with open(out_path, "w") as f:
+            json.dump(result, f, indent=2)
+    if is_appended:
+        append_results(title, result, notes)
+    else:
+        print(json.dumps(result, indent=2))
+
+
 def read_gbps(device) -> float:
     """Memory read bandwidth a decode matmul reaches: a matrix-vector product over a 256 MiB fp32
     matrix on CPU (same threads as the model); on a GPU, (read + write) bytes/s of a 1 GiB copy."""

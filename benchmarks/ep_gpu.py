@@ -38,12 +38,13 @@ from benchmarks.common import append_results, machine, read_gbps  # noqa: E402
 class Bench:
     """Runs inside the router's actor: launch() there, then time steps."""
 
-    def __init__(self, path: str, num_shards: int, dtype: str, is_gpu: bool, transport: str = "collective"):
+    def __init__(self, path: str, num_shards: int, dtype: str, is_gpu: bool, transport: str = "collective",
+                 cuda_graphs: bool = True):
         from actors.launch import launch
         self.dtype = getattr(torch, dtype)
         self.is_gpu = is_gpu
         self.runner = launch(path, num_expert_shards=num_shards, dtype=self.dtype,
-                             device="cuda" if is_gpu else "cpu", transport=transport)
+                             device="cuda" if is_gpu else "cpu", transport=transport, cuda_graphs=cuda_graphs)
         self.cfg = self.runner.config
 
     def _sync(self) -> None:
@@ -154,6 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--prefill-repeats", type=int, default=2, help="timed prefill steps per setting (best kept)")
     p.add_argument("--no-overlap-decode", action="store_true", help="decode with micro_batches=1 only")
     p.add_argument("--transport", default="collective", choices=("collective", "ray"))
+    p.add_argument("--no-graphs", action="store_true", help="router decode steps eager (no CUDA-graph segments)")
     p.add_argument("--share-gpu", action="store_true",
                    help="router + shards on ONE GPU (Ray told it has shards + 1 GPUs, CUDA_VISIBLE_DEVICES left "
                         "alone). NCCL refuses two ranks on one GPU, so this needs --transport ray; a code-path "
@@ -204,9 +206,9 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"needs >= 2 GPUs (router + 1 shard); this cluster has {num_gpus}. Use --cpu for a smoke run.")
     num_shards = args.shards or (2 if is_smoke else num_gpus - 1)
     actor = ray.remote(num_gpus=1 if is_gpu else 0, num_cpus=1)(Bench).remote(path, num_shards, dtype, is_gpu,
-                                                                                     args.transport)
+                                                                                     args.transport, not args.no_graphs)
     result: dict = {"preset": preset, "dtype": dtype, "num_shards": num_shards, "device": "cuda" if is_gpu else "cpu",
-                    "transport": args.transport, "shared_gpu": args.share_gpu,
+                    "transport": args.transport, "shared_gpu": args.share_gpu, "router_graphs": not args.no_graphs,
                     "context": context, "machine": machine(), "load_avg_1m_at_start": round(os.getloadavg()[0], 2), "decode": {}, "prefill": {}}
     _progress(t_start, f"router actor started ({num_shards} shards, launching)")
     try:

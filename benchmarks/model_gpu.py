@@ -21,7 +21,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import append_results, decode_floor, machine  # noqa: E402
+from benchmarks.common import decode_floor, emit, machine  # noqa: E402
 from model_shards import DeepseekV4  # noqa: E402
 from model_shards.random_checkpoint import generate  # noqa: E402
 
@@ -163,15 +163,8 @@ def main() -> None:
                 result[f"decode_b{batch}_compiled_graphs"] = graph_decode(model, prompt, batch, floor["floor_ms"], True)
                 print(f"decode batch {batch}, compiled + graphs: {result[f'decode_b{batch}_compiled_graphs']}",
                       flush=True)
-    if out_path:
-        import json
-        with open(out_path, "w") as f:
-            json.dump(result, f, indent=2)
-    if args.no_append:
-        import json
-        print(json.dumps(result, indent=2))
-    else:
-        append_results(f"model_gpu ({args.preset})", result, "One process, every expert local, bf16 speed; fp32 parity.")
+    emit(f"model_gpu ({args.preset})", result, out_path, not args.no_append,
+         "One process, every expert local, bf16 speed; fp32 parity.")
 
 
 if __name__ == "__main__":

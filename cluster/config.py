@@ -13,6 +13,7 @@ import dataclasses
 import os
 import types
 import typing
+from typing import Any
 from dataclasses import dataclass
 
 from actors.engine import EngineConfig
@@ -120,7 +121,7 @@ class ServeConfig:
                             max_num_waiting=self.max_num_waiting, max_model_len=self.max_model_len,
                             is_test_hooks_enabled=self.is_test_hooks_enabled).validate()
 
-    def resolve_device(self) -> tuple[str, "torch.dtype"]:
+    def resolve_device(self) -> tuple[str, Any]:
         """(device, dtype) for the Engine's weights, in the process that loads them (a Ray actor
         with num_gpus > 0 sees its GPU). Asking for "cuda" where there is none is an error."""
         import torch

@@ -82,7 +82,8 @@ def make_runner(config: ServeConfig, checkpoint_dir: str, progress=None):
                                            cuda_graphs=config.cuda_graphs, max_num_seqs=config.max_num_seqs)
     from actors.launch import launch  # lazy: starts Ray actors (the expert shards)
     return launch(checkpoint_dir, num_expert_shards=config.num_expert_shards,
-                  micro_batches=config.micro_batches, transport=config.transport, dtype=dtype, device=device)
+                  micro_batches=config.micro_batches, transport=config.transport, dtype=dtype, device=device,
+                  cuda_graphs=config.cuda_graphs, max_graph_batch=config.max_num_seqs)
 
 
 def make_prefix_cache(config: ServeConfig, runner, replica_index: int):

@@ -173,7 +173,8 @@ class TierStack:
             return None
 
     def _drop(self, tier: Tier, key: str, exc: RecordError) -> None:
-        log.warning("kvcache: %s tier record %s unusable (%s); deleting it", tier.name, key, exc)
+        # the message, not the exception: a kept log record must not keep its frames (and the state being loaded) alive
+        log.warning("kvcache: %s tier record %s unusable (%s); deleting it", tier.name, key, str(exc))
         self.counters[tier.name].add_corrupt(1)
         tier.delete_many([key])
         if hasattr(tier, "collect_garbage"):

@@ -13,7 +13,9 @@ rows those blocks produced (`range_tensors`). A checkpoint at position ``P`` (``
 holds ``num_tokens``, every non-entry tensor and the rows of each entries tensor past the last
 full block. ``assemble_state`` concatenates runs covering blocks ``[0, k)`` in order and the
 checkpoint back into the exact state dict at ``P``; ``assemble_state_bytes`` does the same from
-the runs' raw bytes (the restore path: one byte copy per tensor of each record, no torch op).
+the runs' raw bytes (one byte copy per tensor of each record, no torch op), and
+``state_row_blocks`` checks the same pieces but leaves each entries tensor as its list of row
+blocks (the deferred restore: the engine's state load copies them once, straight into place).
 """
 
 from __future__ import annotations
@@ -158,6 +160,35 @@ def assemble_state(
     return state
 
 
+def state_row_blocks(
+    runs: Sequence[Mapping[str, torch.Tensor]],
+    checkpoint: Mapping[str, torch.Tensor],
+    rates: Mapping[str, int],
+    block_tokens: int,
+) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+    """`assemble_state` without its copy: the same checks, then the state dict with every
+    entries tensor as the list of its row blocks (each run's rows in order, then the
+    checkpoint's), which ``SequenceState.load`` copies once, straight into place. Nothing is
+    copied: every tensor is one of the inputs or a view of one."""
+    num_tokens = _check_runs(runs, checkpoint, sum(num_run_blocks(run, rates, block_tokens) for run in runs),
+                             block_tokens)
+    state: dict[str, torch.Tensor | list[torch.Tensor]] = {}
+    for name, tensor in checkpoint.items():
+        if not is_entries(name):
+            state[name] = tensor
+            continue
+        if name not in rates:
+            raise ValueError(f"no entry rate for {name!r}")
+        parts = [run[name] for run in runs] + [tensor]
+        if any(p.dim() != tensor.dim() or p.shape[1:] != tensor.shape[1:] or p.dtype != tensor.dtype for p in parts):
+            raise ValueError(f"{name!r}: the runs' rows do not match the checkpoint's")
+        num_rows = sum(p.shape[0] for p in parts)
+        if num_rows != num_tokens // rates[name]:
+            raise ValueError(f"{name!r}: {num_rows} rows at {num_tokens} tokens")
+        state[name] = parts
+    return state
+
+
 def _view_run_blocks(run: Mapping[str, ByteView], rates: Mapping[str, int], block_tokens: int) -> int:
     """`num_run_blocks` of a run of byte views."""
     counts = set()
@@ -239,7 +270,8 @@ def assemble_state_bytes(
         for name, (data, _, _) in run.items():
             positions[name] += data.nbytes
     for name, out in outputs.items():
-        out[positions[name]:] = checkpoint[name].contiguous().view(-1).view(torch.uint8).numpy()
+        # (a device-tier checkpoint of a GPU engine holds CUDA tensors: bytes come to the host)
+        out[positions[name]:] = checkpoint[name].cpu().contiguous().view(-1).view(torch.uint8).numpy()
     for i in reversed(range(len(runs))):  # the head last: what `before_run` touches ends fresher
         if before_run is not None:
             before_run(i)

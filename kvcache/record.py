@@ -28,6 +28,7 @@ stale: a miss, deleted.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 
@@ -36,6 +37,7 @@ import pyarrow as pa
 import torch
 
 from kvcache import checksum as checksums
+from kvcache import parse_cache
 
 FORMAT_VERSION = 3
 _ALIGN = 16  # every tensor starts at a multiple of this in the data buffer (zero padding)
@@ -56,6 +58,7 @@ _DTYPES: dict[str, torch.dtype] = {
         torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
     )
 }
+_MAX_ITEMSIZE = max(dtype.itemsize for dtype in _DTYPES.values())  # a data region must start aligned to it
 _SCHEMA_FIELDS = [
     pa.field("name", pa.utf8(), nullable=False),
     pa.field("dtype", pa.utf8(), nullable=False),
@@ -124,6 +127,14 @@ class Record:
                              for name, (lo, nbytes, dtype, shape) in self._slots.items()}
         return self._tensors
 
+    def tensor_views(self, *, verify: bool = True) -> dict[str, torch.Tensor]:
+        """`tensors`, or with ``verify=False`` views of the same bytes with a pending check left
+        pending (not kept as `tensors`): call `verify` before their bytes are used (the deferred
+        restore verifies each record right before copying its rows, see restore.py)."""
+        if verify or self._slots is None or self._check is None:
+            return self.tensors
+        return _strided_views(torch.from_numpy(self._raw), self._slots)
+
     def byte_views(self, *, verify: bool = True) -> dict[str, tuple[np.ndarray, torch.dtype, tuple[int, ...]]]:
         """Each tensor as (its contiguous bytes as a uint8 array (a view, no copy), dtype, shape).
         With ``verify=False`` a pending check stays pending: call `verify` before reading them."""
@@ -154,6 +165,22 @@ class Record:
         return f"Record({self.kind!r}, {self.key!r}, {self.num_bytes} bytes, is_borrowed={self.is_borrowed})"
 
 
+def _strided_views(base: torch.Tensor, slots: dict) -> dict[str, torch.Tensor]:
+    """Each slot of a uint8 `base` as a contiguous tensor view: one `as_strided` per tensor on a
+    view of `base` in its dtype (slots start at multiples of 16 bytes, so the offsets divide)."""
+    typed: dict[torch.dtype, torch.Tensor] = {}
+    out = {}
+    for name, (lo, _, dtype, shape) in slots.items():
+        whole = typed.get(dtype)
+        if whole is None:
+            whole = typed[dtype] = base[:base.numel() // dtype.itemsize * dtype.itemsize].view(dtype)
+        strides = [1] * len(shape)
+        for i in range(len(shape) - 1, 0, -1):
+            strides[i - 1] = strides[i] * shape[i]
+        out[name] = whole.as_strided(shape, strides, whole.storage_offset() + lo // dtype.itemsize)
+    return out
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     name = str(dtype).removeprefix("torch.")
     if name not in _DTYPES:
@@ -166,10 +193,12 @@ def _byte_view(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy()
 
 
-def _header_bytes(kind: str, key: str, fingerprint: str, names: list, dtypes: list, shapes: list) -> bytes:
+def _header_bytes(kind: str, key: str, fingerprint: str, names: list, dtypes: list, shapes: list, *,
+                  version: str | None = None) -> bytes:
     """What the checksum covers besides the tensor bytes. Unambiguous: no field holds a NUL
-    (`encode_record` refuses them), the name count is explicit and shapes print as a list."""
-    fields = [str(FORMAT_VERSION), kind, key, fingerprint, str(len(names)), *names, *dtypes, repr(shapes)]
+    (`encode_record` refuses them), the name count is explicit and shapes print as a list.
+    `version`: the record's (a reader uses only records of its own `FORMAT_VERSION`)."""
+    fields = [str(FORMAT_VERSION) if version is None else version, kind, key, fingerprint, str(len(names)), *names, *dtypes, repr(shapes)]
     return "\0".join(fields).encode()
 
 
@@ -267,20 +296,44 @@ def _verify_checksum(stored: str, header: bytes, raw: np.ndarray) -> None:
 
 
 def _decode(data, fingerprint: str, expected_key: str | None, is_borrowed: bool, verify: bool) -> Record:
+    view = memoryview(data).cast("B")  # bytes, memoryview or pa.Buffer: no copy
+    framing = parse_cache.framing(view)
+    parsed = parse_cache.CACHE.get(framing, view)
+    if parsed is not None:  # the same framing bytes as a record parsed before (parse_cache.py)
+        raw = np.frombuffer(view, dtype=np.uint8)[parsed.data_start:parsed.data_end]
+        if raw.__array_interface__["data"][0] % _MAX_ITEMSIZE:  # misaligned for a tensor view: parse
+            parsed = None
+    if parsed is None:
+        parsed, raw = _parse(data, view)
+        start = parse_cache.offset_in(np.frombuffer(view, dtype=np.uint8), raw.__array_interface__["data"][0])
+        if start is not None:  # Arrow used the bytes in place (it did not copy them to align them)
+            parse_cache.CACHE.put(framing, view, dataclasses.replace(parsed, data_start=start,
+                                                                     data_end=start + raw.nbytes))
+    if parsed.version != str(FORMAT_VERSION):
+        raise RecordError(f"stale record: format version {parsed.version}, expected {FORMAT_VERSION}")
+    if parsed.fingerprint != fingerprint:
+        raise RecordError(f"foreign record: fingerprint {parsed.fingerprint!r}")
+    if expected_key is not None and parsed.key != expected_key:
+        raise RecordError(f"misfiled record: holds key {parsed.key!r}, stored under {expected_key!r}")
+    check = (parsed.stored_checksum, parsed.header)
+    if verify:
+        _verify_checksum(*check, raw)
+    if not is_borrowed:  # one copy of all tensor bytes
+        raw = raw.copy()
+    return Record._decoded(parsed.kind, parsed.key, raw, parsed.slots, is_borrowed, None if verify else check)
+
+
+def _parse(data, view: memoryview) -> tuple[parse_cache.Parsed, np.ndarray]:
+    """Everything of a record's bytes but its data (version, fingerprint and key unchecked) and
+    the data region as a uint8 view; RecordError if they do not hold a well-formed record."""
     batch = _read_batch(data)
     meta = batch.schema.metadata or {}
     version = meta.get(_META_VERSION, b"?").decode(errors="replace")
-    if version != str(FORMAT_VERSION):
-        raise RecordError(f"stale record: format version {version}, expected {FORMAT_VERSION}")
     record_fingerprint = meta.get(_META_FINGERPRINT, b"").decode(errors="replace")
-    if record_fingerprint != fingerprint:
-        raise RecordError(f"foreign record: fingerprint {record_fingerprint!r}")
     kind = meta.get(_META_KIND, b"").decode(errors="replace")
     key = meta.get(_META_KEY, b"").decode(errors="replace")
     if kind not in RECORD_KINDS:
         raise RecordError(f"unknown record kind {kind!r}")
-    if expected_key is not None and key != expected_key:
-        raise RecordError(f"misfiled record: holds key {key!r}, stored under {expected_key!r}")
     columns = batch.columns
     names = columns[0].to_pylist()
     dtypes = columns[1].to_pylist()
@@ -296,12 +349,10 @@ def _decode(data, fingerprint: str, expected_key: str | None, is_borrowed: bool,
     raw = region[start:end]
     if any("\0" in name for name in names):
         raise RecordError("NUL in a tensor name")
-    header = _header_bytes(kind, key, record_fingerprint, names, dtypes, shapes)
+    header = _header_bytes(kind, key, record_fingerprint, names, dtypes, shapes, version=version)
     stored = meta.get(_META_CHECKSUM, b"").decode(errors="replace")
     if stored.partition(":")[0] not in CHECKSUM_ALGOS:
         raise RecordError(f"bad checksum field {stored!r}")
-    if verify:
-        _verify_checksum(stored, header, raw)
     slots: dict[str, tuple[int, int, torch.dtype, tuple[int, ...]]] = {}
     for i, (name, dtype, shape) in enumerate(zip(names, dtypes, shapes)):
         torch_dtype = _DTYPES.get(dtype)
@@ -312,6 +363,5 @@ def _decode(data, fingerprint: str, expected_key: str | None, is_borrowed: bool,
         if lo % _ALIGN or not hi - _ALIGN < lo + nbytes <= hi:
             raise RecordError(f"tensor {name!r}: {nbytes} bytes do not fit its {hi - lo}-byte slot")
         slots[name] = (lo, nbytes, torch_dtype, tuple(shape))
-    if not is_borrowed:  # one copy of all tensor bytes
-        raw = raw.copy()
-    return Record._decoded(kind, key, raw, slots, is_borrowed, None if verify else (stored, header))
+    parsed = parse_cache.Parsed(version, record_fingerprint, kind, key, stored, header, slots, 0, raw.nbytes)
+    return parsed, raw

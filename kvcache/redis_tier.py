@@ -3,7 +3,8 @@
 Owns: the Redis client, this process's exact LRU view of the keys it wrote or read under its key
 prefix (with their sizes, for the byte budget), and the up/down state of the connection.
 
-Reads are pipelined MGETs, writes pipelined MSETs, evictions pipelined GET+DEL (so an evicted
+Reads are pipelined MGETs over a connection of their own, parsed by resp_reader.py (values
+land in pooled memory, read-only memoryviews; small ones are bytes), writes pipelined MSETs, evictions pipelined GET+DEL (so an evicted
 value can move down a tier). The budget covers the keys this process knows about; a Redis shared
 by several routers should also run with ``maxmemory`` + ``allkeys-lru`` as a backstop.
 
@@ -24,6 +25,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from kvcache.lru import ByteLRU
+from kvcache.resp_reader import MGetReader
 from kvcache.tier import Tier
 
 log = logging.getLogger(__name__)
@@ -67,6 +69,7 @@ class RedisTier(Tier):
         self.max_batch_keys = max_batch_keys
         self.max_batch_bytes = max_batch_bytes
         self._client = make_client(url, socket_timeout_s=socket_timeout_s)
+        self._reader = MGetReader(self._client)  # reads: one copy per byte (resp_reader.py)
         kwargs = self._client.connection_pool.connection_kwargs
         self.address = kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}"
         self._lru = ByteLRU(budget_bytes)
@@ -99,6 +102,7 @@ class RedisTier(Tier):
             try:
                 self._client.ping()
                 self._forget_lost_keys()
+                self._reader.close()  # its connection died with the outage
             except REDIS_ERRORS:
                 continue
             with self._lock:
@@ -140,11 +144,9 @@ class RedisTier(Tier):
             pipe.exists(self.prefix + key)
         return [bool(n) for n in pipe.execute()] if keys else []
 
-    def _mget(self, keys: Sequence[str]) -> list[bytes | None]:
-        pipe = self._client.pipeline(transaction=False)
-        for chunk in _chunks(list(keys), self.max_batch_keys):
-            pipe.mget([self.prefix + key for key in chunk])
-        return [value for result in pipe.execute() for value in result]
+    def _mget(self, keys: Sequence[str]) -> list[memoryview | bytes | None]:
+        groups = [[(self.prefix + key).encode() for key in chunk] for chunk in _chunks(list(keys), self.max_batch_keys)]
+        return self._reader.mget(groups)
 
     def _mset(self, items: Sequence[tuple[str, object]]) -> bool:
         pipe = self._client.pipeline(transaction=False)
@@ -169,7 +171,7 @@ class RedisTier(Tier):
         results = pipe.execute()
         return results[0::2] if is_collecting else []
 
-    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+    def get_many(self, keys: Sequence[str]) -> list[memoryview | bytes | None]:
         values = self._run(lambda: self._mget(keys), None, "read") if keys else None
         if values is None:
             return [None] * len(keys)
@@ -208,4 +210,5 @@ class RedisTier(Tier):
 
     def close(self) -> None:
         self._is_closed.set()
+        self._reader.close()
         self._client.close()

@@ -2,15 +2,17 @@
 
 Owns no state. Duck-typed on `model_shards.DeepseekV4`: ``model.config``, ``model.new_state()``,
 ``model.step(states, token_lists, all_logits=False)``, and the state's ``export()`` and
-``state.load(tensors)``. It mirrors what actors/ does around the service:
+``state.load(tensors, before_block=...)``. It mirrors what actors/ does around the service:
 
 - `prompt_checkpoints`: where to export a prompt's state: every `checkpoint_tokens`, the end of
   the prompt, and ``len - 1`` (a resent prompt still needs the logits of its last token, so a
   lookup may resume at most there);
 - `prefill`: run tokens through ``model.step`` in chunks cut at every export position (as the
   scheduler cuts them), exporting the state there;
-- `resume`: lookup (at most ``len - 1`` tokens), import the cached state, prefill the rest;
-  returns the first token's logits and where the time went;
+- `resume`: lookup (at most ``len - 1`` tokens; deferred: the import verifies and copies the
+  records once, straight into the state), import the cached state, prefill the rest; returns
+  the first token's logits and where the time went. A record found corrupt during the import
+  drops that state (it was partly loaded) and the lookup runs again (the record is gone);
 - `decode`: teacher-forced decode steps (fixed tokens), so that two runs can be compared.
 """
 
@@ -22,6 +24,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvcache.stats import LookupResult
+
+MAX_RESTORE_ATTEMPTS = 3  # lookups per resume; each failed one deleted a corrupt record
 
 @dataclass
 class PrefillResult:
@@ -53,11 +58,17 @@ def prompt_checkpoints(service, num_prompt_tokens: int) -> list[int]:
     return sorted(p for p in positions if p > 0)
 
 
-def import_state(model, tensors: dict[str, torch.Tensor]):
-    """A state of `model` (its dtype and device) from exported / looked-up tensors."""
+def import_state(model, source):
+    """A state of `model` (its dtype and device) from exported tensors (a dict: always a state)
+    or a lookup hit (`LookupResult`; a deferred one is verified and copied once, straight into
+    the state, see restore.py): None when a record failed its checksum during that copy; it was
+    deleted from its tier and the partly loaded state is dropped (its slot and pages go back to
+    the model's pool)."""
     state = model.new_state()
-    state.load(tensors)
-    return state
+    if isinstance(source, dict):
+        state.load(source)
+        return state
+    return state if source.load_into(state) else None
 
 
 @torch.no_grad()
@@ -90,14 +101,20 @@ def resume(model, service, token_ids: torch.Tensor | Sequence[int], salt=None, *
     """Cached prefix + prefill of the rest: the state after all of `token_ids` and the logits
     of the last token (a miss prefills everything from a new state)."""
     token_ids = torch.as_tensor(token_ids)
-    t0 = time.perf_counter()
-    hit = service.lookup(token_ids.tolist(), salt, max_tokens=len(token_ids) - 1)
-    t1 = time.perf_counter()
-    state = import_state(model, hit.state_tensors) if hit.is_hit else model.new_state()
-    t2 = time.perf_counter()
+    lookup_seconds = import_seconds = 0.0
+    for _ in range(MAX_RESTORE_ATTEMPTS):  # a record found corrupt while loading was deleted: ask again
+        t0 = time.perf_counter()
+        hit = service.lookup(token_ids.tolist(), salt, max_tokens=len(token_ids) - 1, is_deferred=True)
+        t1 = time.perf_counter()
+        state = import_state(model, hit) if hit.is_hit else model.new_state()
+        lookup_seconds, import_seconds = lookup_seconds + t1 - t0, import_seconds + time.perf_counter() - t1
+        if state is not None:
+            break
+    else:  # recompute everything
+        hit, state = LookupResult(0, None), model.new_state()
     rest = prefill(model, state, token_ids[hit.num_cached_tokens:], chunk_tokens=chunk_tokens)
     return ResumeResult(state, rest.logits, hit.num_cached_tokens, hit.checkpoint_tier,
-                        t1 - t0, t2 - t1, rest.compute_seconds)
+                        lookup_seconds, import_seconds, rest.compute_seconds)
 
 
 @torch.no_grad()

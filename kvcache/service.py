@@ -57,6 +57,7 @@ from kvcache.keys import (
 )
 from kvcache.record import Record
 from kvcache.redis_tier import RedisTier
+from kvcache.restore import DeferredState
 from kvcache.stats import CommitResult, LookupResult, ServiceStats
 
 log = logging.getLogger(__name__)
@@ -125,13 +126,17 @@ class KVCacheService:
     # -- engine API ---------------------------------------------------------------------------
 
     def lookup(self, token_ids: Sequence[int] | np.ndarray, salt: str | bytes | None = None, *,
-               max_tokens: int | None = None) -> LookupResult:
+               max_tokens: int | None = None, is_deferred: bool = False) -> LookupResult:
         """Longest cached prefix of `token_ids` (at most `max_tokens` tokens; an engine that
-        needs logits for the last prompt token passes ``len(token_ids) - 1``)."""
+        needs logits for the last prompt token passes ``len(token_ids) - 1``).
+
+        `is_deferred`: a hit holds no state dict but a `restore.DeferredState` that
+        ``result.load_into(state)`` verifies and copies once, straight into the engine's state
+        (see restore.py; FP8 storage is dequantized here, as without it)."""
         start = time.perf_counter()
         tokens = token_array(token_ids)
         limit = len(tokens) if max_tokens is None else max(0, min(int(max_tokens), len(tokens)))
-        result = self._lookup(tokens, salt, limit) or LookupResult(0, None)
+        result = self._lookup(tokens, salt, limit, is_deferred) or LookupResult(0, None)
         result.load_seconds = time.perf_counter() - start
         with self._lock:
             self._num_lookups += 1
@@ -140,7 +145,7 @@ class KVCacheService:
             self._num_cached_tokens += result.num_cached_tokens
         return result
 
-    def _lookup(self, tokens: np.ndarray, salt, limit: int) -> LookupResult | None:
+    def _lookup(self, tokens: np.ndarray, salt, limit: int, is_deferred: bool = False) -> LookupResult | None:
         """Checkpoints are tried longest first; the index records that list them are read a
         chunk of blocks at a time from the end, so a long hit reads few of them. The first chunk
         ends at an anchor of the key chain (keys.py): a typical hit then hashes block by block
@@ -172,7 +177,7 @@ class KVCacheService:
             for position in candidates:
                 if position // block_tokens > num_usable_blocks:
                     continue
-                result = self._try_checkpoint(tokens, salt, hashes, position, fetched)
+                result = self._try_checkpoint(tokens, salt, hashes, position, fetched, is_deferred)
                 if isinstance(result, LookupResult):
                     return result
                 num_usable_blocks = min(num_usable_blocks, result)
@@ -191,10 +196,11 @@ class KVCacheService:
                 *self._run_keys(hashes, position // self.config.block_tokens)]
 
     def _try_checkpoint(self, tokens: np.ndarray, salt, hashes: ChainHashes, position: int,
-                        fetched: dict[str, Hit | None]) -> LookupResult | int:
+                        fetched: dict[str, Hit | None], is_deferred: bool = False) -> LookupResult | int:
         """The state at `position`, or (a miss) how many leading blocks can still be cached.
         Every record it uses is verified (`TierStack.settle`) right before its bytes are used;
-        one that fails was deleted from its tier, so asking again gets the next copy or a miss."""
+        one that fails was deleted from its tier, so asking again gets the next copy or a miss.
+        `is_deferred` (no FP8): the run records' checks and copies wait for `load_into`."""
         k = position // self.config.block_tokens
         key = self._checkpoint_key(tokens, salt, hashes, position)
         for _ in range(MAX_SETTLE_ATTEMPTS):
@@ -212,7 +218,10 @@ class KVCacheService:
             if first_missing < k:
                 return first_missing
             try:
-                state = self._assemble(pieces, checkpoint.record, position)
+                if is_deferred and not self.config.is_fp8:
+                    state, deferred = None, self._defer(pieces, checkpoint.record, position)
+                else:
+                    state, deferred = self._assemble(pieces, checkpoint.record, position), None
             except _Corrupt as exc:  # deleted from its tier: ask the tiers again for that record
                 fetched.pop(exc.key, None)
                 continue
@@ -224,7 +233,7 @@ class KVCacheService:
             return len(hashes)
         # LRU order as `get_many` leaves it: the head of the prefix most recently used
         self.stack.device.touch_many([hit.record.key for hit, _, _ in reversed(pieces)])
-        result = LookupResult(position, state, checkpoint_tier=checkpoint.tier)
+        result = LookupResult(position, state, checkpoint_tier=checkpoint.tier, deferred=deferred)
         for hit, _, num_used in pieces:
             result.num_blocks_by_tier[hit.tier] = result.num_blocks_by_tier.get(hit.tier, 0) + num_used
         for hit in [p[0] for p in pieces] + [checkpoint]:
@@ -287,10 +296,32 @@ class KVCacheService:
         if keys:
             fetched.update(zip(keys, self.stack.get_many(keys, defer_verify=True)))
 
-    def _assemble(self, pieces: list[tuple[Hit, int, int]], checkpoint: Record, position: int
-                  ) -> dict[str, torch.Tensor]:
+    def _defer(self, pieces: list[tuple[Hit, int, int]], checkpoint: Record, position: int) -> DeferredState:
+        """The state at `position` as row blocks viewing the records (restore.py); nothing is
+        copied, and the run records' checksum passes wait for `DeferredState.load_into`."""
+        self._check_kinds(pieces, checkpoint)
+        block_tokens = self.config.block_tokens
+        runs = []
+        for hit, _, num_used in pieces:
+            tensors = hit.record.tensor_views(verify=False)  # verified right before their rows are copied
+            if hit.record.kind == "span" and layout.num_run_blocks(tensors, self.entry_rates, block_tokens) > num_used:
+                tensors = {name: t[:num_used * (block_tokens // self.entry_rates[name])]  # the blocks the checkpoint needs
+                           for name, t in tensors.items()}
+            runs.append(tensors)
+        tensors = layout.state_row_blocks(runs, checkpoint.tensors, self.entry_rates, block_tokens)
+        if layout.state_num_tokens(tensors) != position:
+            raise ValueError(f"checkpoint holds {layout.state_num_tokens(tensors)} tokens")
+        return DeferredState(tensors, [hit.record.key for hit, _, _ in pieces],
+                             lambda run_id: self.stack.settle(pieces[run_id][0]))
+
+    @staticmethod
+    def _check_kinds(pieces: list[tuple[Hit, int, int]], checkpoint: Record) -> None:
         if checkpoint.kind != "checkpoint" or any(h.record.kind not in ("block", "span") for h, _, _ in pieces):
             raise ValueError("unexpected record kinds")
+
+    def _assemble(self, pieces: list[tuple[Hit, int, int]], checkpoint: Record, position: int
+                  ) -> dict[str, torch.Tensor]:
+        self._check_kinds(pieces, checkpoint)
         block_tokens = self.config.block_tokens
         if self.config.is_fp8:  # dequantize, then concatenate
             runs = []

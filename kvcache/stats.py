@@ -62,7 +62,9 @@ class LookupResult:
     """The longest cached prefix of a lookup's tokens and the state to resume from.
 
     `state_tensors` is the exported state dict at position `num_cached_tokens` (fresh tensors
-    the caller owns), or None when nothing usable is cached (`num_cached_tokens == 0`).
+    the caller owns), or None when nothing usable is cached (`num_cached_tokens == 0`) and for
+    a deferred hit (``lookup(..., is_deferred=True)``), whose `deferred` (restore.DeferredState)
+    `load_into` verifies and copies into the engine's state.
     """
 
     num_cached_tokens: int
@@ -72,10 +74,20 @@ class LookupResult:
     num_records_by_tier: dict[str, int] = field(default_factory=dict)   # records read (spans, blocks, checkpoint)
     num_bytes_by_tier: dict[str, int] = field(default_factory=dict)
     load_seconds: float = 0.0
+    deferred: object | None = None                     # restore.DeferredState of a deferred hit
 
     @property
     def is_hit(self) -> bool:
         return self.num_cached_tokens > 0
+
+    def load_into(self, state) -> bool:
+        """Load this hit into `state` (a fresh engine state, ``SequenceState``-like). False when
+        a record failed its checksum during a deferred load (it was deleted from its tier):
+        `state` is then partly written and must be discarded."""
+        if self.deferred is not None:
+            return self.deferred.load_into(state)
+        state.load(self.state_tensors)
+        return True
 
 
 @dataclass

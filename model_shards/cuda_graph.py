@@ -33,15 +33,23 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 
 
 @dataclass
-class _Graph:
-    indices: torch.Tensor              # [num indices] int64, device: the step's DecodePlan.indices
-    token_ids: torch.Tensor            # [B] int64, device
-    logits: torch.Tensor               # [B, vocab] output of the last replay
-    graph: "torch.cuda.CUDAGraph | None"
+class StepInputs:
+    """A graph's static inputs: the step's DecodePlan.indices and token ids, on the device."""
+    indices: torch.Tensor                      # [num indices] int64
+    token_ids: torch.Tensor                    # [B] int64
     staging: torch.Tensor | None = None        # pinned host [num indices + B]: copies that do not
     copied: "torch.cuda.Event | None" = None   # wait for the GPU; `copied` guards its reuse
 
-    def load_inputs(self, indices: torch.Tensor, token_ids: torch.Tensor) -> None:
+    @classmethod
+    def make(cls, plan: DecodePlan, device: torch.device, is_pinned: bool) -> "StepInputs":
+        inputs = cls(plan.indices.to(device), torch.zeros(plan.num_rows, dtype=torch.int64, device=device))
+        if is_pinned:
+            inputs.staging = torch.empty(plan.indices.numel() + plan.num_rows, dtype=torch.int64, pin_memory=True)
+            inputs.copied = torch.cuda.Event()
+            inputs.copied.record()
+        return inputs
+
+    def load(self, indices: torch.Tensor, token_ids: torch.Tensor) -> None:
         n, B = indices.numel(), token_ids.numel()
         if self.staging is None:       # eager fixed-shape steps (no graph)
             self.indices.copy_(indices)
@@ -53,6 +61,47 @@ class _Graph:
         self.indices.copy_(self.staging[:n], non_blocking=True)
         self.token_ids[:B].copy_(self.staging[n: n + B], non_blocking=True)
         self.copied.record()
+
+
+def can_plan_fixed_step(dense, states: list[SequenceState], token_ids: list[torch.Tensor], max_batch: int) -> bool:
+    """Decode only (one new token each), every state in `dense`'s pool, 1..max_batch of them."""
+    pool = dense.state_pool
+    return (0 < len(states) <= max_batch and pool is not None
+            and all(s.pool is pool for s in states) and all(t.numel() == 1 for t in token_ids))
+
+
+def plan_fixed_step(dense, states: list[SequenceState], token_ids: list[torch.Tensor],
+                    buckets: tuple[int, ...]) -> tuple[DecodePlan, torch.Tensor, tuple]:
+    """The step's fixed-shape DecodePlan (rows and page tables bucketed), its token ids [n] and the
+    graph key (num_rows, ((rate, pages), ...)). Checks the ids; may grow the pool."""
+    cfg = dense.cfg
+    ids = torch.cat([t.reshape(1).to(torch.int64) for t in token_ids])
+    if int(ids.max()) >= cfg.vocab_size or int(ids.min()) < 0:
+        raise ValueError(f"token id out of range [0, {cfg.vocab_size})")
+    pool = dense.state_pool
+    pool.pad_slot_id, [pool.scratch_page_id(r) for r in pool.rates]   # reserved before any capture
+    num_rows = next(b for b in buckets if b >= len(states))
+    P = pool.page_size
+    num_pages = {r: _page_bucket(-(-max((s.num_tokens + 1) // r for s in states) // P)) for r in pool.rates}
+    plan = DecodePlan.build(states, cfg.sliding_window, num_rows, num_pages)
+    return plan, ids, (num_rows, tuple(sorted(num_pages.items())))
+
+
+def reserve_pool(dense, num_seqs: int, max_tokens: int) -> None:
+    """Grow `dense`'s pool now for `num_seqs` sequences of up to `max_tokens` tokens, so that
+    serving never re-allocates it (which would drop every graph). Costs the memory up front."""
+    if dense.state_pool is None:
+        dense.new_state()           # makes the pool
+    pool = dense.state_pool
+    per_seq = {r: -(-(max_tokens // r) // pool.page_size) for r in pool.rates}
+    pool.reserve(num_seqs + 2, {r: num_seqs * n + 2 for r, n in per_seq.items()})   # + pad / zero, scratch
+
+
+@dataclass
+class _Graph:
+    inputs: StepInputs
+    logits: torch.Tensor               # [B, vocab] output of the last replay
+    graph: "torch.cuda.CUDAGraph | None"
 
 
 class DecodeGraphs:
@@ -71,21 +120,12 @@ class DecodeGraphs:
         self.num_captures = 0
 
     def reserve(self, num_seqs: int, max_tokens: int) -> None:
-        """Grow the model's pool now for `num_seqs` sequences of up to `max_tokens` tokens, so that
-        serving never re-allocates it (which would drop every graph). Costs the memory up front."""
-        dense = self.model.dense
-        if dense.state_pool is None:
-            dense.new_state()           # makes the pool
-        pool = dense.state_pool
-        per_seq = {r: -(-(max_tokens // r) // pool.page_size) for r in pool.rates}
-        pool.reserve(num_seqs + 2, {r: num_seqs * n + 2 for r, n in per_seq.items()})   # + pad / zero, scratch
+        """See `reserve_pool`."""
+        reserve_pool(self.model.dense, num_seqs, max_tokens)
 
     # ---- the step ---------------------------------------------------------------------------
     def can_step(self, states: list[SequenceState], token_ids: list[torch.Tensor]) -> bool:
-        """Decode only (one new token each), every state in the model's pool, batch within bounds."""
-        pool = self.model.dense.state_pool
-        return (0 < len(states) <= self.buckets[-1] and pool is not None
-                and all(s.pool is pool for s in states) and all(t.numel() == 1 for t in token_ids))
+        return can_plan_fixed_step(self.model.dense, states, token_ids, self.buckets[-1])
 
     @torch.no_grad()
     def step(self, states: list[SequenceState], token_ids: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -93,29 +133,20 @@ class DecodeGraphs:
         its new token. They are views of the graph's output, valid until its next replay."""
         if not self.can_step(states, token_ids):
             raise ValueError("DecodeGraphs.step takes one new token for each of 1..max_batch pooled states")
-        cfg, dense = self.model.config, self.model.dense
-        ids = torch.cat([t.reshape(1).to(torch.int64) for t in token_ids])
-        if int(ids.max()) >= cfg.vocab_size or int(ids.min()) < 0:
-            raise ValueError(f"token id out of range [0, {cfg.vocab_size})")
-        pool = dense.state_pool
-        pool.pad_slot_id, [pool.scratch_page_id(r) for r in pool.rates]   # reserved before any capture
-        num_rows = next(b for b in self.buckets if b >= len(states))
-        P = pool.page_size
-        num_pages = {r: _page_bucket(-(-max((s.num_tokens + 1) // r for s in states) // P)) for r in pool.rates}
-        plan = DecodePlan.build(states, cfg.sliding_window, num_rows, num_pages)   # may grow the pool
+        pool = self.model.dense.state_pool
+        plan, ids, key = plan_fixed_step(self.model.dense, states, token_ids, self.buckets)
         if pool.generation != self._generation:
             self._graphs.clear()                  # buffers moved: every captured address is stale
             self._mempool = None                  # (its memory went with the graphs; a new pool)
             self._generation = pool.generation
-        key = (num_rows, tuple(sorted(num_pages.items())))
         g = self._graphs.get(key)
         if g is None:
-            g = self._graphs[key] = self._capture(num_rows, num_pages)
-        g.load_inputs(plan.indices, ids)
+            g = self._graphs[key] = self._capture(plan.num_rows, plan.num_pages)
+        g.inputs.load(plan.indices, ids)
         if g.graph is not None:
             g.graph.replay()
         else:
-            g.logits = self._forward(g.indices, g.token_ids, plan)
+            g.logits = self._forward(g.inputs.indices, g.inputs.token_ids, plan)
         plan.advance(states)
         for s in states:
             s.num_tokens += 1
@@ -135,10 +166,9 @@ class DecodeGraphs:
         runs write only the pad slot and scratch pages."""
         dense = self.model.dense
         plan = DecodePlan.build([], self.model.config.sliding_window, num_rows, num_pages, pool=dense.state_pool)
-        indices = plan.indices.to(dense.device)
-        token_ids = torch.zeros(num_rows, dtype=torch.int64, device=dense.device)
+        inputs = StepInputs.make(plan, dense.device, self.is_captured)
         if not self.is_captured:
-            return _Graph(indices, token_ids, torch.empty(0), None)
+            return _Graph(inputs, torch.empty(0), None)
         forward = self._forward
         if self.is_compiled:
             if self._compiled_forward is None:
@@ -148,18 +178,15 @@ class DecodeGraphs:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):           # warm-up: compile, allocate, build fused weights
             for _ in range(2):
-                forward(indices, token_ids, plan)
+                forward(inputs.indices, inputs.token_ids, plan)
         torch.cuda.current_stream().wait_stream(stream)
         if self._mempool is None:
             self._mempool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._mempool):
-            logits = forward(indices, token_ids, plan)
+            logits = forward(inputs.indices, inputs.token_ids, plan)
         self.num_captures += 1
-        staging = torch.empty(indices.numel() + num_rows, dtype=torch.int64, pin_memory=True)
-        copied = torch.cuda.Event()
-        copied.record()
-        return _Graph(indices, token_ids, logits, graph, staging, copied)
+        return _Graph(inputs, logits, graph)
 
 
 def _page_bucket(num_pages: int) -> int:

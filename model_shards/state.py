@@ -20,6 +20,7 @@ Export names (the KV service stores these): "num_tokens" (int64 scalar) and per 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -92,22 +93,64 @@ class CompressorState:
         self._overlap_gate.copy_(gate)
 
     def append_entries(self, new: torch.Tensor) -> None:
+        """Append rows `new` [n, dim] (any dtype / device: copied, converted, into place)."""
         n_new = new.shape[0]
         if n_new == 0:
             return
         if self._paged is not None:
-            pool, key, pages = self._paged
-            pool.write_entries(key, pages, self.num_entries, new)
-            self.num_entries += n_new
+            self._write_pages(new)
             return
         need = self.num_entries + n_new
         if need > self._entries.shape[0]:
-            grown = torch.empty(max(need, 2 * self._entries.shape[0], 16), self.dim,
-                                dtype=self._entries.dtype, device=self._entries.device)
-            grown[: self.num_entries] = self.entries
-            self._entries = grown
+            self.reserve_entries(max(need, 2 * self._entries.shape[0], 16))
         self._entries[self.num_entries: need] = new
         self.num_entries = need
+
+    def reserve_entries(self, num_entries: int) -> None:
+        """Room for `num_entries` entries in all, so that appending up to there moves nothing
+        (growth buffer) or allocates nothing (pages: taken now, in ascending id order)."""
+        if self._paged is not None:
+            pool, _, pages = self._paged
+            num_old = len(pages)
+            pool.ensure_pages(pages, self.rate, num_entries)
+            # ascending ids: pages freed by a dead state come back in reverse order, and
+            # consecutive ids are one copy in `_write_pages`
+            pages[num_old:] = sorted(pages[num_old:])
+        elif num_entries > self._entries.shape[0]:
+            grown = torch.empty(num_entries, self.dim, dtype=self._entries.dtype, device=self._entries.device)
+            grown[: self.num_entries] = self._entries[: self.num_entries]
+            self._entries = grown
+
+    def _write_pages(self, new: torch.Tensor) -> None:
+        """Pooled append: one copy per run of consecutive page ids (`StatePool.write_entries`
+        copies page by page)."""
+        start, end = self.num_entries, self.num_entries + new.shape[0]
+        self.reserve_entries(end)
+        for first, rows in self.entry_rows(start, end):
+            rows.copy_(new[first - start: first - start + rows.shape[0]])
+        self.num_entries = end
+
+    def entry_rows(self, start: int, end: int) -> list[tuple[int, torch.Tensor]]:
+        """Where entries [start, end) live, reserved (`reserve_entries`): [(first entry, rows
+        view [n, dim])], one view per run of consecutive pages (one in all unless pooled pages
+        are scattered). Valid until the storage grows (the next reserve past the capacity)."""
+        if self._paged is None:
+            return [(start, self._entries[start:end])] if end > start else []
+        pool, key, pages = self._paged
+        store = pool.pages[key]                 # [num_pages, page_size, dim]
+        page_size = store.shape[1]
+        out = []
+        row = start
+        while row < end:
+            first = last = row // page_size     # the run: pages[first..last] hold consecutive ids
+            end_page = (end - 1) // page_size
+            while last < end_page and pages[last + 1] == pages[last] + 1:
+                last += 1
+            run_end = min(end, (last + 1) * page_size)
+            rows = store[pages[first]: pages[last] + 1].view(-1, self.dim)
+            out.append((row, rows[row - first * page_size: run_end - first * page_size]))
+            row = run_end
+        return out
 
     def export(self, prefix: str, out: dict[str, torch.Tensor]) -> None:
         out[f"{prefix}.entries"] = self.entries.clone()
@@ -118,8 +161,11 @@ class CompressorState:
             out[f"{prefix}.overlap_kv"] = empty if self.overlap_kv is None else self.overlap_kv.clone()
             out[f"{prefix}.overlap_gate"] = empty if self.overlap_gate is None else self.overlap_gate.clone()
 
-    def load(self, prefix: str, t: dict[str, torch.Tensor], num_tokens: int) -> None:
-        """Fill this fresh compressor state from export() tensors of a `num_tokens` state."""
+    def checked_parts(self, prefix: str, t: dict, num_tokens: int) -> dict:
+        """This compressor's export() tensors of a `num_tokens` state, shape-checked (nothing is
+        changed): ``{"entries": [row blocks], "tail_kv", "tail_gate"[, "overlap_kv", "overlap_gate"]}``.
+        ``t[prefix + ".entries"]`` is one [num_entries, dim] tensor or a list of row blocks
+        [rows_b, dim] that concatenate to it (see `SequenceState.load`)."""
         def get(name: str, shape: tuple[int, ...]) -> torch.Tensor:
             key = f"{prefix}.{name}"
             if key not in t:
@@ -127,20 +173,42 @@ class CompressorState:
             v = t[key]
             if tuple(v.shape) != shape:
                 raise ValueError(f"state tensor {key!r} has shape {tuple(v.shape)}, expected {shape}")
-            return v.to(dtype=self._entries.dtype, device=self._entries.device)
+            return v
 
         n, r = num_tokens // self.rate, num_tokens % self.rate
-        entries = get("entries", (n, self.dim))
-        tail_kv, tail_gate = get("tail_kv", (r, self.in_dim)), get("tail_gate", (r, self.in_dim))
+        key = f"{prefix}.entries"
+        if key not in t:
+            raise KeyError(f"state tensor {key!r} missing")
+        blocks = t[key]
+        if isinstance(blocks, torch.Tensor):
+            blocks = [get("entries", (n, self.dim))]
+        elif not isinstance(blocks, (list, tuple)) or not all(isinstance(b, torch.Tensor) for b in blocks):
+            raise TypeError(f"state tensor {key!r} must be a tensor or a list of row-block tensors")
+        elif any(b.dim() != 2 or b.shape[1] != self.dim for b in blocks) or sum(b.shape[0] for b in blocks) != n:
+            shapes = [tuple(b.shape) for b in blocks]
+            raise ValueError(f"state tensor {key!r}: row blocks {shapes} do not make ({n}, {self.dim})")
+        parts = {"entries": list(blocks), "tail_kv": get("tail_kv", (r, self.in_dim)),
+                 "tail_gate": get("tail_gate", (r, self.in_dim))}
         if self.is_overlapping:
             m = self.rate if n > 0 else 0
-            ov_kv, ov_gate = get("overlap_kv", (m, self.dim)), get("overlap_gate", (m, self.dim))
+            parts["overlap_kv"], parts["overlap_gate"] = get("overlap_kv", (m, self.dim)), get("overlap_gate", (m, self.dim))
+        return parts
+
+    def set_fixed(self, parts: dict) -> None:
+        """The tail and overlap of `checked_parts` (the entries are appended by the caller)."""
+        self.set_tail(parts["tail_kv"], parts["tail_gate"])   # (copies convert dtype and device)
+        if self.is_overlapping and parts["overlap_kv"].shape[0]:
+            self.set_overlap(parts["overlap_kv"], parts["overlap_gate"])
+
+    def load(self, prefix: str, t: dict, num_tokens: int) -> None:
+        """Fill this fresh compressor state from export() tensors of a `num_tokens` state."""
+        parts = self.checked_parts(prefix, t, num_tokens)
         if self.num_entries:
             raise ValueError("load() needs a fresh state")
-        self.append_entries(entries)
-        self.set_tail(tail_kv, tail_gate)
-        if self.is_overlapping and n > 0:
-            self.set_overlap(ov_kv, ov_gate)
+        self.reserve_entries(num_tokens // self.rate)
+        for block in parts["entries"]:
+            self.append_entries(block)
+        self.set_fixed(parts)
 
     def clone(self) -> "CompressorState":
         """A standalone deep copy (never pooled)."""
@@ -150,6 +218,29 @@ class CompressorState:
         c._tail_kv, c._tail_gate = self._tail_kv.clone(), self._tail_gate.clone()
         c._overlap_kv, c._overlap_gate = self._overlap_kv.clone(), self._overlap_gate.clone()
         return c
+
+
+class _RowSink:
+    """Appends the row blocks of one `SequenceState.load` to a compressor whose entries are
+    reserved: the destination views are computed once (`entry_rows`), each block is one copy
+    (two where it straddles two runs of scattered pages)."""
+
+    def __init__(self, cs: CompressorState, num_entries: int):
+        self.cs = cs
+        self.runs = cs.entry_rows(cs.num_entries, num_entries)   # [(first entry, rows view)]
+        self.run_id = 0
+
+    def append(self, block: torch.Tensor) -> None:
+        cs, done, n = self.cs, 0, block.shape[0]
+        while done < n:
+            first, rows = self.runs[self.run_id]
+            offset = cs.num_entries - first
+            take = min(n - done, rows.shape[0] - offset)
+            rows[offset: offset + take].copy_(block[done: done + take] if take < n else block)
+            cs.num_entries += take
+            done += take
+            if offset + take == rows.shape[0]:
+                self.run_id += 1
 
 
 class LayerState:
@@ -255,25 +346,45 @@ class SequenceState:
         state.load(tensors)
         return state
 
-    def load(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Overwrite this (fresh) state with `export()` output, in place (a pooled state keeps its slot)."""
+    def load(self, tensors: dict, *, before_block: Callable[[int], None] | None = None) -> None:
+        """Overwrite this (fresh) state with `export()` output, in place (a pooled state keeps its slot).
+
+        Each "*.entries" value is one tensor or a list of row blocks that concatenate to it; each
+        block is copied once, straight into place (a pooled state's pages). Blocks go in block
+        order: block j of every entries tensor before block j+1 of any, and `before_block(j)`
+        runs right before block j's copies (a caller whose block j of every tensor comes from
+        one source, e.g. a cache record, can verify that source there and the copies then read
+        it from cache). Every tensor is shape-checked before anything changes (KeyError /
+        ValueError / TypeError: the state is untouched); an exception from `before_block`
+        propagates and leaves the state partly loaded: the caller must discard it."""
         if "num_tokens" not in tensors:
             raise KeyError("state tensor 'num_tokens' missing")
         cfg = self.config
         n = int(tensors["num_tokens"])
         w = min(n, cfg.sliding_window - 1)
-        for i in range(len(self.layers)):  # check every window before changing anything
+        for i in range(len(self.layers)):  # check every tensor before changing anything
             win = tensors.get(f"{i}.window")
             if win is None:
                 raise KeyError(f"state tensor '{i}.window' missing")
             if tuple(win.shape) != (w, cfg.head_dim):
                 raise ValueError(f"state tensor '{i}.window' has shape {tuple(win.shape)}, expected {(w, cfg.head_dim)}")
+        comps = [(cs, cs.checked_parts(f"{i}.{name}", tensors, n)) for i, layer in enumerate(self.layers)
+                 for name, cs in (("comp", layer.comp), ("index", layer.index)) if cs is not None]
+        if any(cs.num_entries for cs, _ in comps):
+            raise ValueError("load() needs a fresh state")
         for i, layer in enumerate(self.layers):
             layer.set_window(tensors[f"{i}.window"].to(dtype=self.dtype, device=self.device), n)
-            if layer.comp is not None:
-                layer.comp.load(f"{i}.comp", tensors, n)
-            if layer.index is not None:
-                layer.index.load(f"{i}.index", tensors, n)
+        for cs, parts in comps:
+            cs.set_fixed(parts)
+            cs.reserve_entries(n // cs.rate)
+        # every compressor reserved first: a page growth re-allocates the pages of its whole rate
+        sinks = [(_RowSink(cs, n // cs.rate), parts["entries"]) for cs, parts in comps]
+        for j in range(max((len(blocks) for _, blocks in sinks), default=0)):
+            if before_block is not None:
+                before_block(j)
+            for sink, blocks in sinks:
+                if j < len(blocks):
+                    sink.append(blocks[j])
         self.num_tokens = n
 
     def clone(self) -> "SequenceState":

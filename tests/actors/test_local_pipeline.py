@@ -33,6 +33,18 @@ def test_pipeline_matches_single_process(ep_ckpt, ep_ref, assignment, micro_batc
     check_decode(router, ep_ref, num_steps=3, seed=1)
 
 
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_graph_segments_match_single_process(ep_ckpt, ep_ref, micro_batches):
+    """Decode steps through SegmentGraphs (run uncaptured on CPU: the same fixed-shape segments a
+    GPU replays, padded to 2- and 4-row buckets) around the dispatches equal the single process."""
+    from model_shards.segment_graphs import SegmentGraphs
+    router = make_router(ep_ckpt, [[0, 1, 2], [3, 4], [5, 6]], micro_batches)
+    router.graphs = SegmentGraphs(router.dense, max_batch=4, is_captured=False, batch_buckets=(2,))
+    check_decode(router, ep_ref, num_steps=6, seed=3)
+    assert {key[0] for key in router.graphs._sets} == set(range(micro_batches))   # one set per micro-batch
+    assert router.last_timing.num_micro_batches == micro_batches
+
+
 def test_micro_batches_partition_the_sequences(ep_ckpt, ep_ref):
     router = make_router(ep_ckpt, split_experts(7, 2), micro_batches=2)
     states = [router.new_state() for _ in range(3)]
@@ -58,3 +70,38 @@ def test_shard_rows_sends_each_token_once_to_each_owner():
     expert_ids = torch.tensor([[0, 1], [2, 4], [3, 2], [4, 0]])        # [T=4, k=2]
     rows = shard_rows(expert_ids, owner, 3)
     assert [r.tolist() for r in rows] == [[0, 3], [1, 2], [1, 3]]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_captured_segments_equal_uncaptured_on_cuda(ep_ckpt):
+    """On a GPU the segments are CUDA graphs: from identical states with deterministic kernels a
+    replayed step gives the bits of the same segments run uncaptured, micro-batches interleaved."""
+    from actors.router import Router
+    from actors.transport.local import LocalTransport
+    from model_shards import ModelConfig
+    from model_shards.segment_graphs import SegmentGraphs
+    cfg = ModelConfig.from_json(ep_ckpt)
+    reader = CheckpointReader(ep_ckpt)
+    dense = load_dense(cfg, reader, torch.bfloat16, "cuda")
+    bank = load_experts(cfg, reader, list(range(7)), torch.bfloat16, "cuda")
+    router = Router(dense, LocalTransport([bank], [0] * 7), micro_batches=2)
+    captured, uncaptured = SegmentGraphs(dense), SegmentGraphs(dense, is_captured=False)
+    captured.reserve(16, 64)
+    base = [router.new_state() for _ in range(3)]
+    router.step(base, [torch.arange(1, n + 1).cuda() for n in (5, 12, 17)])
+    twins = []
+    for _ in range(2):
+        twins.append([router.new_state() for _ in base])
+        for s, b in zip(twins[-1], base):
+            s.load(b.export())
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        for t in range(8):
+            tokens = [torch.tensor([(3 * t + k) % cfg.vocab_size]) for k in range(3)]
+            router.graphs = captured
+            got = torch.stack(router.step(twins[0], tokens))
+            router.graphs = uncaptured
+            assert torch.equal(got, torch.stack(router.step(twins[1], tokens))), t
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert captured.num_captures >= 2          # a set per micro-batch (and per width bucket)

@@ -163,3 +163,35 @@ def test_prefix_cache_hit_gives_same_output(runner, tiny_model):
     assert warm[0].num_cached_tokens == len(ids) - 1 and warm[0].cache_tier == "device"
     assert tokens(cold) == tokens(warm)
     assert other[0].num_cached_tokens == 0  # a different prompt shares no checkpoint
+
+
+def test_a_hit_that_fails_while_loading_is_recomputed(runner):
+    """A deferred hit whose record fails its check mid-load (the service deleted it) leaves a
+    partly written state: the engine drops it and prefills from scratch, same output."""
+    from actors.engine_prefix import NoPrefixCache, PrefixHit
+
+    class FailingLoad:
+        def load_into(self, state):
+            state.layers[0].ring.fill_(float("nan"))   # what a half-done load might leave
+            return False
+
+    class FailingCache(NoPrefixCache):
+        is_enabled = True
+
+        def lookup(self, token_ids, salt, max_tokens):
+            return PrefixHit(max_tokens, None, "disk", FailingLoad())
+
+    ids = prompt("fail me " * 20)
+
+    async def main():
+        plain = Engine(runner, TOK, EngineConfig())
+        want = await collect(plain, "a", ids, max_tokens=5, temperature=0.0, is_eos_ignored=True)
+        await plain.close()
+        engine = Engine(runner, TOK, EngineConfig(), FailingCache())
+        got = await collect(engine, "b", ids, max_tokens=5, temperature=0.0, is_eos_ignored=True)
+        await engine.close()
+        return want, got
+
+    want, got = run(main())
+    assert got[0].num_cached_tokens == 0 and got[0].cache_tier is None
+    assert tokens(got) == tokens(want)

@@ -1,0 +1,97 @@
+"""The deferred restore (``lookup(..., is_deferred=True)`` then `import_state`: each run record
+verified right before its rows are copied once into the model's pooled state, restore.py): the
+restored state is the exported one bitwise from every tier, and a span that fails its checksum
+mid-restore leaves the state it was loading unused (dropped, its slot back in the pool), is
+deleted from its tier, and `resume` recomputes from what is still intact. checkpoint_tokens=256
+and block_tokens=128: spans of 2 blocks; real Redis and real Arrow segment files."""
+
+import pytest
+import torch
+
+from kv_model_helpers import random_tokens, relative_error, service_for, stores
+from kvcache.disk_tier import DiskTier
+from kvcache.keys import chain_hashes, span_key, token_array
+from kvcache.resume import import_state, prefill, prompt_checkpoints, resume
+
+NUM_PROMPT_TOKENS = 603
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def original(tiny_model):
+    prompt = random_tokens(NUM_PROMPT_TOKENS, tiny_model.config.vocab_size, seed=11)
+    with service_for(tiny_model, checkpoint_tokens=256) as svc:
+        positions = prompt_checkpoints(svc, NUM_PROMPT_TOKENS)
+    run = prefill(tiny_model, tiny_model.new_state(), prompt, chunk_tokens=256, export_positions=positions)
+    return dict(prompt=prompt, exports=run.exports)
+
+
+def committed_service(model, original, store: dict):
+    """Commit the prompt's exports through a writer, then a reader on the same store (fresh
+    device tier, off for the byte tiers so that nothing is promoted)."""
+    writer = service_for(model, checkpoint_tokens=256, **store)
+    writer.commit(original["prompt"].tolist(), original["exports"])
+    writer.flush()
+    if not store:
+        return writer
+    writer.close()
+    return service_for(model, checkpoint_tokens=256, device_bytes=0, **store)
+
+
+def assert_state_is(state, expected: dict) -> None:
+    got = state.export()
+    assert got.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert got[name].shape == tensor.shape and torch.equal(got[name], tensor), name
+
+
+@pytest.mark.parametrize("tier", ["device", "redis", "disk"])
+def test_a_deferred_restore_is_the_exported_state_bitwise(tier, tiny_model, original, tmp_path, redis_url,
+                                                           redis_prefix):
+    with committed_service(tiny_model, original, stores(tier, redis_url, redis_prefix, tmp_path)) as svc:
+        hit = svc.lookup(original["prompt"].tolist(), is_deferred=True)
+        assert hit.num_cached_tokens == NUM_PROMPT_TOKENS and hit.checkpoint_tier == tier
+        assert hit.state_tensors is None and hit.deferred.num_runs == 2   # spans [0, 2) and [2, 4)
+        state = import_state(tiny_model, hit)
+        assert state.pool is tiny_model.dense.state_pool   # straight into the pool's pages
+        assert_state_is(state, original["exports"][NUM_PROMPT_TOKENS])
+        assert svc.stats().tiers[tier].num_corrupt == 0
+
+
+def corrupt(value) -> bytes:
+    data = bytearray(bytes(value))
+    data[len(data) // 2] ^= 0x10   # inside the span's tensor bytes
+    return bytes(data)
+
+
+@pytest.mark.parametrize("tier", ["redis", "disk"])
+def test_a_span_corrupt_mid_restore_drops_the_state_and_resume_recomputes(tier, tiny_model, original, tmp_path,
+                                                                           redis_url, redis_prefix, redis_client):
+    store = stores(tier, redis_url, redis_prefix, tmp_path)
+    svc = committed_service(tiny_model, original, store)
+    hashes = chain_hashes(token_array(original["prompt"]), 128, svc.storage_fingerprint, None, 4)
+    key = span_key(hashes[4], 2)   # blocks [2, 4): run 1, verified after run 0 was copied
+    if tier == "redis":
+        redis_client.set(redis_prefix + key, corrupt(redis_client.get(redis_prefix + key)))
+    else:
+        disk = DiskTier(tmp_path, budget_bytes=1 << 30)
+        disk.put_many([(key, corrupt(disk.get_many([key])[0]))])   # a later copy wins
+        disk.close()
+    with svc:
+        hit = svc.lookup(original["prompt"].tolist(), is_deferred=True)
+        assert hit.num_cached_tokens == NUM_PROMPT_TOKENS   # parsed; the span's checksum waits for the copy
+        pool = tiny_model.dense.state_pool
+        num_free_slots = pool.num_free_slots
+        copied = []
+        load = hit.deferred._before_block
+        hit.deferred._before_block = lambda run_id: (copied.append(run_id), load(run_id))
+        assert import_state(tiny_model, hit) is None   # the partly loaded state is dropped ...
+        assert copied == [0, 1]                        # ... after run 0's rows were copied into it
+        assert pool.num_free_slots == num_free_slots    # ... and its slot is back in the pool
+        svc.flush()
+        assert svc.stats().tiers[tier].num_corrupt == 1
+        assert svc.stack.tiers[1].contains_many([key]) == [False]
+        resumed = resume(tiny_model, svc, original["prompt"], chunk_tokens=256)
+        assert resumed.num_cached_tokens == 256 and resumed.checkpoint_tier == tier   # span [0, 2) still intact
+        cold = prefill(tiny_model, tiny_model.new_state(), original["prompt"], chunk_tokens=256)
+        assert relative_error(resumed.logits, cold.logits) <= TOLERANCE

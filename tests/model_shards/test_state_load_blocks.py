@@ -1,0 +1,152 @@
+"""SequenceState.load with "*.entries" given as lists of row blocks (the KV cache's deferred
+restore): the same state as the single-tensor form, pooled (pages, consecutive or scattered) and
+standalone; blocks go in block order with `before_block` right before each; every shape is
+checked before anything changes; an exception from `before_block` propagates."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+from factories import random_ids, random_model, tiny_config
+from model_shards import SequenceState
+from model_shards.state_pool import StatePool
+
+NUM_TOKENS = 203   # CSA rate 4: 50 entries (+3 tail tokens); HCA rate 8: 25 entries (+3)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return random_model(tmp_path_factory.mktemp("blocks"), tiny_config(), seed=5)
+
+
+@pytest.fixture(scope="module")
+def exported(model):
+    state = SequenceState.new(model.config)
+    model.step([state], [random_ids(NUM_TOKENS, model.config.vocab_size, seed=1)])
+    return state.export()
+
+
+def as_blocks(tensors: dict, cuts: list[float]) -> dict:
+    """`tensors` with every entries tensor cut into row blocks at the fractions `cuts` of its
+    rows (the same number of blocks for every tensor; some may be empty)."""
+    out = dict(tensors)
+    for name, t in tensors.items():
+        if name.endswith(".entries"):
+            bounds = [0] + [int(c * t.shape[0]) for c in cuts] + [t.shape[0]]
+            out[name] = [t[a:b] for a, b in zip(bounds, bounds[1:])]
+    return out
+
+
+def assert_same_state(state: SequenceState, expected: dict) -> None:
+    got = state.export()
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert got[name].shape == expected[name].shape and torch.equal(got[name], expected[name]), name
+
+
+def pooled(model, **kw) -> StatePool:
+    """Pages of 4 entries: a load of 50 entries spans 13 pages of each rate-4 compressor."""
+    pool = StatePool(model.config, model.dense.dtype, model.dense.device, **{
+        "num_slots": 2, "page_size": 4, "num_pages": 4, **kw})
+    model.dense.state_pool = pool
+    return pool
+
+
+@pytest.mark.parametrize("cuts", [[], [0.5], [0.1, 0.1, 0.37, 0.8, 0.99]])
+def test_blocks_load_the_same_state_as_one_tensor(model, exported, cuts):
+    pooled(model)
+    blocks = as_blocks(exported, cuts)
+    for state in (model.new_state(), SequenceState.new(model.config)):
+        state.load(blocks)
+        assert_same_state(state, exported)
+    one = model.new_state()
+    one.load(exported)   # the single-tensor form, unchanged
+    assert_same_state(one, exported)
+
+
+def test_a_loaded_pooled_state_decodes_like_the_original(model, exported):
+    pooled(model)
+    original = SequenceState.from_export(model.config, exported)
+    restored = model.new_state()
+    restored.load(as_blocks(exported, [0.25, 0.5, 0.75]))
+    steps = random_ids(9, model.config.vocab_size, seed=2)
+    for t in range(9):
+        want = model.step([original], [steps[t:t + 1]], all_logits=False)[0]
+        got = model.step([restored], [steps[t:t + 1]], all_logits=False)[0]
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_scattered_pages_are_written_where_the_page_table_says(model, exported):
+    pool = pooled(model, num_pages=64)
+    holders = [model.new_state() for _ in range(4)]
+    dim = holders[0].layers[1].comp.dim
+    for _ in range(6):   # one page each in turn, then free every other holder: the free pages interleave
+        for state in holders:
+            state.layers[1].comp.append_entries(torch.zeros(4, dim))
+    del holders[::2]
+    gc.collect()
+    state = model.new_state()
+    state.load(as_blocks(exported, [0.3, 0.6]))
+    page_ids = state.page_ids[4]
+    assert any(b != a + 1 for a, b in zip(page_ids, page_ids[1:]))   # not one run of pages
+    assert_same_state(state, exported)
+    assert pool.num_free_pages(4) + len(page_ids) <= pool.num_pages[4]
+
+
+def test_before_block_runs_in_block_order_before_each_blocks_copies(model, exported):
+    pooled(model)
+    state = model.new_state()
+    comp = state.layers[1].comp
+    seen = []
+    state.load(as_blocks(exported, [0.2, 0.6]), before_block=lambda j: seen.append((j, comp.num_entries)))
+    rows = exported["1.comp.entries"].shape[0]
+    assert seen == [(0, 0), (1, int(0.2 * rows)), (2, int(0.6 * rows))]
+    assert_same_state(state, exported)
+
+
+def test_an_exception_from_before_block_propagates(model, exported):
+    pooled(model)
+    state = model.new_state()
+
+    def fail_at_second(block_id):
+        if block_id == 1:
+            raise RuntimeError("corrupt source")
+
+    with pytest.raises(RuntimeError, match="corrupt source"):
+        state.load(as_blocks(exported, [0.5]), before_block=fail_at_second)
+    comp = state.layers[1].comp
+    assert comp.num_entries == int(0.5 * exported["1.comp.entries"].shape[0])   # block 0 only: discard it
+
+
+@pytest.mark.parametrize("damage", ["short", "long", "width", "not_a_tensor", "missing", "tail"])
+def test_bad_shapes_raise_before_anything_changes(model, exported, damage):
+    pool = pooled(model)
+    blocks = as_blocks(exported, [0.5])
+    name = "3.index.entries"
+    if damage == "short":
+        blocks[name] = blocks[name][:1]
+    elif damage == "long":
+        blocks[name] = blocks[name] + [blocks[name][0][:1]]
+    elif damage == "width":
+        blocks[name] = [b[:, :-1] for b in blocks[name]]
+    elif damage == "not_a_tensor":
+        blocks[name] = [b.tolist() for b in blocks[name]]
+    elif damage == "missing":
+        del blocks[name]
+    else:
+        blocks["3.index.tail_kv"] = blocks["3.index.tail_kv"][:1]
+    free_pages = {rate: pool.num_free_pages(rate) for rate in pool.rates}
+    state = model.new_state()
+    with pytest.raises((ValueError, KeyError, TypeError)):
+        state.load(blocks)
+    assert state.num_tokens == 0 and all(not ids for ids in state.page_ids.values())
+    assert all(layer.num_tokens == 0 for layer in state.layers)
+    for layer in state.layers:
+        for cs in (layer.comp, layer.index):
+            assert cs is None or (cs.num_entries == 0 and cs.num_tail == 0)
+    assert {rate: pool.num_free_pages(rate) for rate in pool.rates} == free_pages
+    state.load(exported)   # still fresh: loads normally
+    assert_same_state(state, exported)
