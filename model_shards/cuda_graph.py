@@ -112,7 +112,7 @@ class DecodeGraphs:
         if is_captured is None:   # CUDA, and experts that run without host syncs (bf16 on sm90+)
             is_captured = model.experts.is_sync_free(model.dense.device, model.dense.dtype)
         self.is_captured = is_captured
-        self.is_compiled = is_compiled   # torch.compile the step before capturing it (experimental)
+        self.is_compiled = is_compiled   # torch.compile the step (before capturing it; experimental)
         self._compiled_forward = None
         self._graphs: dict[tuple, _Graph] = {}
         self._generation = -1            # pool generation the graphs were captured at
@@ -146,7 +146,7 @@ class DecodeGraphs:
         if g.graph is not None:
             g.graph.replay()
         else:
-            g.logits = self._forward(g.inputs.indices, g.inputs.token_ids, plan)
+            g.logits = self._step_fn()(g.inputs.indices, g.inputs.token_ids, plan)
         plan.advance(states)
         for s in states:
             s.num_tokens += 1
@@ -161,6 +161,14 @@ class DecodeGraphs:
         h = self.model.layers_step(dense.embed_step(batch), batch)
         return dense.head(dense.final_hidden(h))                                 # [B, vocab]
 
+    def _step_fn(self):
+        """The step function: `_forward`, or (`is_compiled`) it torch.compile'd (one per key)."""
+        if not self.is_compiled:
+            return self._forward
+        if self._compiled_forward is None:
+            self._compiled_forward = torch.compile(self._forward, dynamic=False)
+        return self._compiled_forward
+
     def _capture(self, num_rows: int, num_pages: dict[int, int]) -> _Graph:
         """A graph for (num_rows, num_pages), recorded from an all-padding step so that warm-up
         runs write only the pad slot and scratch pages."""
@@ -169,11 +177,7 @@ class DecodeGraphs:
         inputs = StepInputs.make(plan, dense.device, self.is_captured)
         if not self.is_captured:
             return _Graph(inputs, torch.empty(0), None)
-        forward = self._forward
-        if self.is_compiled:
-            if self._compiled_forward is None:
-                self._compiled_forward = torch.compile(self._forward, dynamic=False)
-            forward = self._compiled_forward
+        forward = self._step_fn()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):           # warm-up: compile, allocate, build fused weights

@@ -12,6 +12,9 @@ The math is exactly the separate linears' (each output column is the same dot pr
 
 Sinkhorn: mHC's Sinkhorn normalisation (ops.sinkhorn) with its GPU loop compiled into one kernel.
 Owns: the compiled function (one per model that holds it).
+
+GatheredExperts: a CPU decode step's routed experts as compiled gather-multiply-reduce kernels.
+Owns: the compiled function (one per ExpertBank that holds it).
 """
 
 from __future__ import annotations
@@ -72,3 +75,56 @@ class Sinkhorn:
             warnings.warn(f"fused GPU Sinkhorn unavailable ({type(e).__name__}: {e}); running it eagerly")
             self.is_compiled_on_gpu = False
             return sinkhorn_torch(comb, num_iters, eps)
+
+
+def gathered_experts(x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
+                     w2t: torch.Tensor, limit: torch.Tensor | None) -> torch.Tensor:
+    """Σ_j weights[t, j] · expert_{local_ids[t, j]}(x[t]): x [T, D], local_ids / weights [T, k],
+    w13 [E, 2I, D], w2t [E, I, D] -> [T, D]; `limit`: the SwiGLU clamp (a 0-d tensor, so that
+    models with different limits share one compiled graph) or None. Written as gathers and
+    reductions so that Inductor fuses each matmul into one loop that streams the pairs' weight
+    rows (never materialized)."""
+    I = w2t.shape[1]
+    h = (w13[local_ids] * x[:, None, None, :]).sum(-1)                 # [T, k, 2I]: gate | up per pair
+    gate, up = h[..., :I], h[..., I:]
+    if limit is not None:   # ops.swiglu's clamps
+        gate, up = torch.minimum(gate, limit), torch.clamp(up, -limit, limit)
+    act = F.silu(gate) * up                                              # [T, k, I]
+    y = (w2t[local_ids] * act[..., None]).sum(-2)                        # [T, k, D]
+    return (y * weights.to(y.dtype)[..., None]).sum(1)
+
+
+class GatheredExperts:
+    """`gathered_experts` compiled (torch.compile, CPU, dynamic shapes), for steps with few
+    (token, expert) pairs, i.e. decode. Why: an MKL fp32 matmul with a few rows reads its weights
+    at a fraction of the memory bandwidth (measured on an AMD EPYC: ~10 GB/s against 28-40 GB/s
+    for a plain reduction over the same bytes), and a decode step's experts are nothing but such
+    matmuls; the compiled loops stream each pair's rows at close to bandwidth, 2.2-4x faster than
+    the grouped GEMM at 1-16 tokens. A pair re-reads its expert's rows when several tokens share
+    it, so past `MAX_PAIRS_PER_EXPERT` pairs per expert the grouped GEMM wins and is used.
+    If compiling fails (no C++ compiler) it says so once and the bank keeps its other paths."""
+
+    MAX_PAIRS_PER_EXPERT = 4
+
+    def __init__(self, is_enabled: bool = True):
+        self.is_enabled = is_enabled
+        self._compiled = None
+
+    def can_run(self, x: torch.Tensor, num_pairs: int, num_experts: int) -> bool:
+        return (self.is_enabled and x.device.type == "cpu"
+                and 0 < num_pairs <= self.MAX_PAIRS_PER_EXPERT * num_experts)
+
+    def __call__(self, x, local_ids, weights, w13, w2t, limit: float) -> torch.Tensor | None:
+        """The routed output [T, D], or None if compiling failed (then disabled)."""
+        if self._compiled is None:
+            self._compiled = torch.compile(gathered_experts, dynamic=True, fullgraph=True)
+        bound = torch.tensor(limit, dtype=x.dtype) if limit > 0 else None
+        try:
+            return self._compiled(x, local_ids, weights, w13, w2t, bound)
+        except Exception as e:  # noqa: BLE001 - any compile failure: stay correct, use the grouped GEMM
+            warnings.warn(f"compiled CPU experts unavailable ({type(e).__name__}: {e}); using the grouped GEMM")
+            self.is_enabled = False
+            return None
+
+    def __getstate__(self):
+        return {"is_enabled": self.is_enabled, "_compiled": None}   # compiled code does not copy

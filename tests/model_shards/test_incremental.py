@@ -8,6 +8,7 @@ import torch
 
 from factories import random_ids, random_model, tiny_config
 from model_shards import SequenceState
+from model_shards.fused import GatheredExperts
 
 
 @pytest.fixture(scope="module")
@@ -142,17 +143,28 @@ def test_expert_bank_subset_computes_its_share(model):
     assert torch.equal(only_first, banks[0](1, x, ids, w))      # a bank ignores experts it does not hold
 
 
-def test_expert_bank_grouped_mm_equals_per_expert_loop(model):
+def test_expert_bank_paths_agree(model, monkeypatch):
+    """The three ways a bank computes its experts: compiled gathers (CPU decode), one grouped GEMM,
+    the per-expert loop."""
     bank, cfg = model.experts, model.config
     x, ids, w = routed_tokens(cfg, 9, seed=1)
-    assert bank._can_grouped_mm(x)            # CPU: the one-call path is the default
+    assert bank.gathered.can_run(x, ids.numel(), len(bank.expert_ids))   # 18 pairs, 7 experts: decode-sized
+    gathered = bank(2, x, ids, w)
+    assert bank.gathered.is_enabled and bank.gathered._compiled is not None   # it compiled and ran
+    monkeypatch.setattr(bank.gathered, "is_enabled", False)
+    assert bank._can_grouped_mm(x)            # CPU: the one-call path is the default otherwise
     grouped = bank(2, x, ids, w)
-    bank._is_grouped_mm_ok = False
-    try:
-        looped = bank(2, x, ids, w)
-    finally:
-        bank._is_grouped_mm_ok = True
-    assert rel_err(grouped, looped) <= 1e-6
+    monkeypatch.setattr(bank, "_is_grouped_mm_ok", False)
+    looped = bank(2, x, ids, w)
+    assert rel_err(grouped, looped) <= 1e-6 and rel_err(gathered, looped) <= 1e-6
+    many = routed_tokens(cfg, 40, seed=2)     # 80 pairs > 4 per expert: the grouped GEMM again
+    assert not GatheredExperts(True).can_run(many[0], many[1].numel(), len(bank.expert_ids))
+
+
+def test_only_single_process_banks_compile_their_experts(model):
+    from model_shards import ExpertBank
+    assert model.experts.gathered.is_enabled
+    assert not ExpertBank(model.config, [0, 2, 4]).gathered.is_enabled     # an expert shard's subset
 
 
 def test_query_block_size_does_not_change_prefill(model, monkeypatch):
