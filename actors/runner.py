@@ -46,6 +46,16 @@ class LocalRunner:
         if cuda_graphs and dense.device.type == "cuda" and model.experts.is_sync_free(dense.device, dense.dtype):
             from model_shards.cuda_graph import DecodeGraphs
             self.graphs = DecodeGraphs(model, max_batch=max_num_seqs)
+        if dense.device.type == "cpu" and model.experts.gathered.is_enabled:
+            self.warm_up()
+
+    @torch.no_grad()
+    def warm_up(self) -> None:
+        """Compile what compiles on first use (the CPU decode experts, for one row and for several)
+        on throwaway states, so that the first request does not wait for it."""
+        states = [self.model.new_state() for _ in range(2)]
+        self.model.step(states, [torch.tensor([0, 1]), torch.tensor([1, 0])], all_logits=False)
+        self.model.step(states[:1], [torch.tensor([2])], all_logits=False)
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32, device: str = "cpu",

@@ -105,6 +105,9 @@ class _Graph:
 
 
 class DecodeGraphs:
+    """Decode-only steps of one DeepseekV4 (every expert local), one graph per key (see the module
+    doc). `step` is `model.step(..., all_logits=False)` for 1..max_batch pooled states."""
+
     def __init__(self, model, max_batch: int = 256, is_captured: bool | None = None,
                  batch_buckets: tuple[int, ...] = BATCH_BUCKETS, is_compiled: bool = False):
         self.model = model

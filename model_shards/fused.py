@@ -105,10 +105,12 @@ class GatheredExperts:
     If compiling fails (no C++ compiler) it says so once and the bank keeps its other paths."""
 
     MAX_PAIRS_PER_EXPERT = 4
+    MAX_RECOMPILES = 32
 
     def __init__(self, is_enabled: bool = True):
         self.is_enabled = is_enabled
         self._compiled = None
+        self._bound: torch.Tensor | None = None    # the SwiGLU limit as a 0-d tensor
 
     def can_run(self, x: torch.Tensor, num_pairs: int, num_experts: int) -> bool:
         return (self.is_enabled and x.device.type == "cpu"
@@ -118,13 +120,29 @@ class GatheredExperts:
         """The routed output [T, D], or None if compiling failed (then disabled)."""
         if self._compiled is None:
             self._compiled = torch.compile(gathered_experts, dynamic=True, fullgraph=True)
-        bound = torch.tensor(limit, dtype=x.dtype) if limit > 0 else None
+        bound = None
+        if limit > 0:
+            if self._bound is None or self._bound.dtype != x.dtype or float(self._bound) != limit:
+                self._bound = torch.tensor(limit, dtype=x.dtype)
+            bound = self._bound
+        # Fewer recompiles: plain tensors (parameters' shapes would be guarded as static), no
+        # storage offsets (duck sizing ties them to sizes), one grad mode.
+        x = x if x.storage_offset() == 0 else x.clone()
+        args = (x, local_ids, weights if weights.is_contiguous() else weights.contiguous(), w13.detach(),
+                w2t.detach(), bound)
         try:
-            return self._compiled(x, local_ids, weights, w13, w2t, bound)
+            with torch.no_grad():
+                try:
+                    return self._compiled(*args)
+                except torch._dynamo.exc.FailOnRecompileLimitHit:
+                    # the few variants left (dtype, one row or many, thread count) add up when
+                    # several models share a process; patching the limit costs ~1 ms, so only here
+                    with torch._dynamo.config.patch(recompile_limit=self.MAX_RECOMPILES):
+                        return self._compiled(*args)
         except Exception as e:  # noqa: BLE001 - any compile failure: stay correct, use the grouped GEMM
             warnings.warn(f"compiled CPU experts unavailable ({type(e).__name__}: {e}); using the grouped GEMM")
             self.is_enabled = False
             return None
 
     def __getstate__(self):
-        return {"is_enabled": self.is_enabled, "_compiled": None}   # compiled code does not copy
+        return {"is_enabled": self.is_enabled, "_compiled": None, "_bound": None}   # compiled code does not copy
