@@ -32,7 +32,8 @@ read per tier, one MGET from Redis. Records are parsed when fetched; each one's 
 runs right before its bytes are copied into the state (`TierStack.settle`), so they are read
 from memory once; a record that fails it is deleted from its tier and asked for again (the
 tiers below, or single blocks, or a shorter prefix). The state is one byte copy of the stored
-tensors into pooled, warm memory (memory.py).
+tensors into pooled, warm memory (memory.py), or with ``is_deferred`` row blocks that the engine's
+state copies once (assembly.py, restore.py).
 """
 
 from __future__ import annotations
@@ -57,21 +58,13 @@ from kvcache.keys import (
 )
 from kvcache.record import Record
 from kvcache.redis_tier import RedisTier
-from kvcache.restore import DeferredState
+from kvcache.assembly import CorruptRecord, StateAssembler
 from kvcache.stats import CommitResult, LookupResult, ServiceStats
 
 log = logging.getLogger(__name__)
 State = Mapping[str, torch.Tensor]
 INDEX_CHUNK_BLOCKS = 64  # at most this many index records per step of a lookup, from the end backwards
 MAX_SETTLE_ATTEMPTS = 8  # per checkpoint: each failed attempt deleted a corrupt record
-
-
-class _Corrupt(Exception):
-    """A fetched record failed its deferred checksum check (it was deleted from its tier)."""
-
-    def __init__(self, key: str):
-        super().__init__(key)
-        self.key = key
 
 
 class KVCacheService:
@@ -109,6 +102,7 @@ class KVCacheService:
             ))
         self.stack = TierStack(tiers, self.storage_fingerprint, checksum=self.config.checksum,
                                max_pending_bytes=self.config.max_pending_bytes)
+        self._assembler = StateAssembler(self.stack, self.entry_rates, self.config)
         self._lock = threading.Lock()
         self._num_lookups = self._num_hit_lookups = self._num_commits = 0
         self._num_lookup_tokens = self._num_cached_tokens = 0
@@ -219,10 +213,10 @@ class KVCacheService:
                 return first_missing
             try:
                 if is_deferred and not self.config.is_fp8:
-                    state, deferred = None, self._defer(pieces, checkpoint.record, position)
+                    state, deferred = None, self._assembler.defer(pieces, checkpoint.record, position)
                 else:
-                    state, deferred = self._assemble(pieces, checkpoint.record, position), None
-            except _Corrupt as exc:  # deleted from its tier: ask the tiers again for that record
+                    state, deferred = self._assembler.assemble(pieces, checkpoint.record, position), None
+            except CorruptRecord as exc:  # deleted from its tier: ask the tiers again for that record
                 fetched.pop(exc.key, None)
                 continue
             except ValueError as exc:
@@ -291,69 +285,10 @@ class KVCacheService:
         return pieces, num_blocks
 
     def _fetch(self, keys: list[str], fetched: dict[str, Hit | None]) -> None:
-        """Block and span records, their checksum pass deferred to `_assemble` (see there)."""
+        """Block and span records, their checksum pass deferred to the assembly (assembly.py)."""
         keys = [key for key in keys if key not in fetched]
         if keys:
             fetched.update(zip(keys, self.stack.get_many(keys, defer_verify=True)))
-
-    def _defer(self, pieces: list[tuple[Hit, int, int]], checkpoint: Record, position: int) -> DeferredState:
-        """The state at `position` as row blocks viewing the records (restore.py); nothing is
-        copied, and the run records' checksum passes wait for `DeferredState.load_into`."""
-        self._check_kinds(pieces, checkpoint)
-        block_tokens = self.config.block_tokens
-        runs = []
-        for hit, _, num_used in pieces:
-            tensors = hit.record.tensor_views(verify=False)  # verified right before their rows are copied
-            if hit.record.kind == "span" and layout.num_run_blocks(tensors, self.entry_rates, block_tokens) > num_used:
-                tensors = {name: t[:num_used * (block_tokens // self.entry_rates[name])]  # the blocks the checkpoint needs
-                           for name, t in tensors.items()}
-            runs.append(tensors)
-        tensors = layout.state_row_blocks(runs, checkpoint.tensors, self.entry_rates, block_tokens)
-        if layout.state_num_tokens(tensors) != position:
-            raise ValueError(f"checkpoint holds {layout.state_num_tokens(tensors)} tokens")
-        return DeferredState(tensors, [hit.record.key for hit, _, _ in pieces],
-                             lambda run_id: self.stack.settle(pieces[run_id][0]))
-
-    @staticmethod
-    def _check_kinds(pieces: list[tuple[Hit, int, int]], checkpoint: Record) -> None:
-        if checkpoint.kind != "checkpoint" or any(h.record.kind not in ("block", "span") for h, _, _ in pieces):
-            raise ValueError("unexpected record kinds")
-
-    def _assemble(self, pieces: list[tuple[Hit, int, int]], checkpoint: Record, position: int
-                  ) -> dict[str, torch.Tensor]:
-        self._check_kinds(pieces, checkpoint)
-        block_tokens = self.config.block_tokens
-        if self.config.is_fp8:  # dequantize, then concatenate
-            runs = []
-            for hit, _, num_used in pieces:
-                if not self.stack.settle(hit):
-                    raise _Corrupt(hit.record.key)
-                tensors = fp8.dequantize_tensors(hit.record.tensors)
-                if hit.record.kind == "span":  # keep the blocks the checkpoint needs (rows are per block)
-                    tensors = {name: t[:num_used * (block_tokens // self.entry_rates.get(name, block_tokens))]
-                               for name, t in tensors.items()}
-                runs.append(tensors)
-            state = layout.assemble_state(runs, fp8.dequantize_tensors(checkpoint.tensors), self.entry_rates,
-                                          block_tokens)
-        else:  # the stored bytes are the state's bytes: copy them into place
-            runs = []
-            for hit, _, num_used in pieces:
-                views = hit.record.byte_views(verify=False)  # verified by `settle` below, before the copy
-                if hit.record.kind == "span":
-                    views = {name: layout.leading_rows(view, num_used * (block_tokens // self.entry_rates.get(
-                        name, block_tokens))) for name, view in views.items()}
-                runs.append(views)
-
-            def settle(i: int) -> None:  # checksum pass, promotion; the copy then reads from cache
-                hit = pieces[i][0]
-                if not self.stack.settle(hit):
-                    raise _Corrupt(hit.record.key)
-
-            state = layout.assemble_state_bytes(runs, checkpoint.tensors, self.entry_rates, block_tokens,
-                                                before_run=settle)
-        if layout.state_num_tokens(state) != position:
-            raise ValueError(f"checkpoint holds {layout.state_num_tokens(state)} tokens")
-        return state
 
     def commit(self, token_ids: Sequence[int] | np.ndarray, states: Mapping[int, State],
                salt: str | bytes | None = None) -> CommitResult:

@@ -1,0 +1,95 @@
+"""StateAssembler: a lookup's fetched records -> the state at its position.
+
+Owns nothing persistent (it borrows the service's TierStack, entry rates and config). Given the
+run records of a hit (block or span records, with how many blocks of each the checkpoint needs)
+and the checkpoint record, it builds either
+- `assemble`: the state dict (``SequenceState.export()`` form), one byte copy of the stored
+  tensors into pooled memory, each run's checksum pass (`TierStack.settle`) right before its
+  bytes are copied (FP8 storage: dequantized, then concatenated); or
+- `defer`: a `restore.DeferredState` whose entries are row blocks viewing the records, to be
+  verified and copied once straight into the engine's state by `load_into`.
+A run that fails its checksum was deleted from its tier: `CorruptRecord` tells the lookup to ask
+the tiers again for that record.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvcache import fp8, layout
+from kvcache.config import KVCacheConfig
+from kvcache.hierarchy import Hit, TierStack
+from kvcache.record import Record
+from kvcache.restore import DeferredState
+
+
+class CorruptRecord(Exception):
+    """A fetched record failed its deferred checksum check (it was deleted from its tier)."""
+
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+class StateAssembler:
+    def __init__(self, stack: TierStack, entry_rates: dict[str, int], config: KVCacheConfig):
+        self.stack, self.entry_rates, self.config = stack, entry_rates, config
+
+    def defer(self, pieces: list[tuple[Hit, int, int]], checkpoint: Record, position: int) -> DeferredState:
+        """The state at `position` as row blocks viewing the records (restore.py); nothing is
+        copied, and the run records' checksum passes wait for `DeferredState.load_into`."""
+        _check_kinds(pieces, checkpoint)
+        block_tokens = self.config.block_tokens
+        runs = []
+        for hit, _, num_used in pieces:
+            tensors = hit.record.tensor_views(verify=False)  # verified right before their rows are copied
+            if hit.record.kind == "span" and layout.num_run_blocks(tensors, self.entry_rates, block_tokens) > num_used:
+                tensors = {name: t[:num_used * (block_tokens // self.entry_rates[name])]  # the blocks the checkpoint needs
+                           for name, t in tensors.items()}
+            runs.append(tensors)
+        tensors = layout.state_row_blocks(runs, checkpoint.tensors, self.entry_rates, block_tokens)
+        if layout.state_num_tokens(tensors) != position:
+            raise ValueError(f"checkpoint holds {layout.state_num_tokens(tensors)} tokens")
+        return DeferredState(tensors, [hit.record.key for hit, _, _ in pieces],
+                             lambda run_id: self.stack.settle(pieces[run_id][0]))
+
+    def assemble(self, pieces: list[tuple[Hit, int, int]], checkpoint: Record, position: int
+                  ) -> dict[str, torch.Tensor]:
+        _check_kinds(pieces, checkpoint)
+        block_tokens = self.config.block_tokens
+        if self.config.is_fp8:  # dequantize, then concatenate
+            runs = []
+            for hit, _, num_used in pieces:
+                if not self.stack.settle(hit):
+                    raise CorruptRecord(hit.record.key)
+                tensors = fp8.dequantize_tensors(hit.record.tensors)
+                if hit.record.kind == "span":  # keep the blocks the checkpoint needs (rows are per block)
+                    tensors = {name: t[:num_used * (block_tokens // self.entry_rates.get(name, block_tokens))]
+                               for name, t in tensors.items()}
+                runs.append(tensors)
+            state = layout.assemble_state(runs, fp8.dequantize_tensors(checkpoint.tensors), self.entry_rates,
+                                          block_tokens)
+        else:  # the stored bytes are the state's bytes: copy them into place
+            runs = []
+            for hit, _, num_used in pieces:
+                views = hit.record.byte_views(verify=False)  # verified by `settle` below, before the copy
+                if hit.record.kind == "span":
+                    views = {name: layout.leading_rows(view, num_used * (block_tokens // self.entry_rates.get(
+                        name, block_tokens))) for name, view in views.items()}
+                runs.append(views)
+
+            def settle(i: int) -> None:  # checksum pass, promotion; the copy then reads from cache
+                hit = pieces[i][0]
+                if not self.stack.settle(hit):
+                    raise CorruptRecord(hit.record.key)
+
+            state = layout.assemble_state_bytes(runs, checkpoint.tensors, self.entry_rates, block_tokens,
+                                                before_run=settle)
+        if layout.state_num_tokens(state) != position:
+            raise ValueError(f"checkpoint holds {layout.state_num_tokens(state)} tokens")
+        return state
+
+
+def _check_kinds(pieces: list[tuple[Hit, int, int]], checkpoint: Record) -> None:
+    if checkpoint.kind != "checkpoint" or any(h.record.kind not in ("block", "span") for h, _, _ in pieces):
+        raise ValueError("unexpected record kinds")
