@@ -147,17 +147,8 @@ def assemble_state(
     Every output tensor is fresh memory (one copy of each input byte; inputs may be read-only
     views). Raises ValueError if the pieces do not fit together (wrong count, names or shapes).
     """
-    num_tokens = _check_runs(runs, checkpoint, sum(num_run_blocks(run, rates, block_tokens) for run in runs),
-                             block_tokens)
-    state: dict[str, torch.Tensor] = {}
-    for name, tensor in _entries_to_fill(checkpoint, rates, state):
-        parts = [run[name] for run in runs] + [tensor]
-        if any(p.dim() != tensor.dim() or p.shape[1:] != tensor.shape[1:] or p.dtype != tensor.dtype for p in parts):
-            raise ValueError(f"{name!r}: the runs' rows do not match the checkpoint's")
-        state[name] = cat_rows(parts)
-        if state[name].shape[0] != num_tokens // rates[name]:
-            raise ValueError(f"{name!r}: {state[name].shape[0]} rows at {num_tokens} tokens")
-    return state
+    blocks = state_row_blocks(runs, checkpoint, rates, block_tokens)   # the checks, no copies
+    return {name: cat_rows(v) if isinstance(v, list) else v.clone() for name, v in blocks.items()}
 
 
 def state_row_blocks(

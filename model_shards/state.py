@@ -122,13 +122,10 @@ class CompressorState:
             self._entries = grown
 
     def _write_pages(self, new: torch.Tensor) -> None:
-        """Pooled append: one copy per run of consecutive page ids (`StatePool.write_entries`
-        copies page by page)."""
-        start, end = self.num_entries, self.num_entries + new.shape[0]
+        """Pooled append: one copy per run of consecutive page ids."""
+        end = self.num_entries + new.shape[0]
         self.reserve_entries(end)
-        for first, rows in self.entry_rows(start, end):
-            rows.copy_(new[first - start: first - start + rows.shape[0]])
-        self.num_entries = end
+        _RowSink(self, end).append(new)
 
     def entry_rows(self, start: int, end: int) -> list[tuple[int, torch.Tensor]]:
         """Where entries [start, end) live, reserved (`reserve_entries`): [(first entry, rows

@@ -131,18 +131,6 @@ class StatePool:
                 self._grow_pages(rate, 2 * self.num_pages[rate])
             pages.append(self._free_pages[rate].pop())
 
-    def write_entries(self, key: tuple[int, str], pages: list[int], start: int, new: torch.Tensor) -> None:
-        """Entries [n, dim] at indices start.. of one compressor of one sequence."""
-        P, n = self.page_size, new.shape[0]
-        self.ensure_pages(pages, self._comps[key].rate, start + n)
-        store = self.pages[key]
-        done = 0
-        while done < n:  # one copy per page touched
-            j = start + done
-            take = min(P - j % P, n - done)
-            store[pages[j // P], j % P: j % P + take] = new[done: done + take]
-            done += take
-
     def read_entries(self, key: tuple[int, str], pages: list[int], num_entries: int) -> torch.Tensor:
         """[num_entries, dim] gathered from the pages (a copy)."""
         store = self.pages[key]
