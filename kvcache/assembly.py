@@ -7,7 +7,8 @@ and the checkpoint record, it builds either
   tensors into pooled memory, each run's checksum pass (`TierStack.settle`) right before its
   bytes are copied (FP8 storage: dequantized, then concatenated); or
 - `defer`: a `restore.DeferredState` whose entries are row blocks viewing the records, to be
-  verified and copied once straight into the engine's state by `load_into`.
+  verified and copied once straight into the engine's state by `load_into`. The runs are
+  checked (`layout.RunCheck`) from each record's parsed layout before any view is built.
 A run that fails its checksum was deleted from its tier: `CorruptRecord` tells the lookup to ask
 the tiers again for that record.
 """
@@ -37,21 +38,27 @@ class StateAssembler:
 
     def defer(self, pieces: list[tuple[Hit, int, int]], checkpoint: Record, position: int) -> DeferredState:
         """The state at `position` as row blocks viewing the records (restore.py); nothing is
-        copied, and the run records' checksum passes wait for `DeferredState.load_into`."""
+        copied, and the run records' checksum passes wait for `DeferredState.load_into`. The
+        runs are checked from their parsed layout (`Record.specs`) before any view is built."""
         _check_kinds(pieces, checkpoint)
-        block_tokens = self.config.block_tokens
-        runs = []
+        tensors = checkpoint.tensors
+        check = layout.RunCheck(tensors, self.entry_rates, self.config.block_tokens)
+        blocks: dict[str, list[torch.Tensor]] = {name: [] for name in check.rows_per_block}
+        num_blocks = 0
         for hit, _, num_used in pieces:
-            tensors = hit.record.tensor_views(verify=False)  # verified right before their rows are copied
-            if hit.record.kind == "span" and layout.num_run_blocks(tensors, self.entry_rates, block_tokens) > num_used:
-                tensors = {name: t[:num_used * (block_tokens // self.entry_rates[name])]  # the blocks the checkpoint needs
-                           for name, t in tensors.items()}
-            runs.append(tensors)
-        tensors = layout.state_row_blocks(runs, checkpoint.tensors, self.entry_rates, block_tokens)
-        if layout.state_num_tokens(tensors) != position:
-            raise ValueError(f"checkpoint holds {layout.state_num_tokens(tensors)} tokens")
-        return DeferredState(tensors, [hit.record.key for hit, _, _ in pieces],
-                             lambda run_id: self.stack.settle(pieces[run_id][0]))
+            record = hit.record
+            count = check.add(record.specs())
+            views = record.tensor_views(verify=False)  # verified right before their rows are copied
+            if record.kind == "span" and count > num_used:  # the blocks the checkpoint needs
+                views = {name: t[:num_used * check.rows_per_block[name]] for name, t in views.items()}
+                count = num_used
+            num_blocks += count
+            for name, view in views.items():
+                blocks[name].append(view)
+        if check.finish(num_blocks) != position:
+            raise ValueError(f"checkpoint holds {check.num_tokens} tokens")
+        state = {name: blocks[name] + [t] if name in blocks else t for name, t in tensors.items()}
+        return DeferredState(state, [hit for hit, _, _ in pieces], self.stack.settle)
 
     def assemble(self, pieces: list[tuple[Hit, int, int]], checkpoint: Record, position: int
                   ) -> dict[str, torch.Tensor]:

@@ -73,11 +73,12 @@ def _colsum64(header: bytes, data) -> str:
         sums = words[:num_rows * width].reshape(num_rows, width).sum(axis=0, dtype="<u8")
     else:
         sums = np.zeros(width, dtype="<u8")
-    tail = words[num_rows * width:]
-    sums[:len(tail)] += tail  # the last row, zero-padded
+    if num_words > num_rows * width:
+        tail = words[num_rows * width:]
+        sums[:len(tail)] += tail  # the last row, zero-padded
     digest = hashlib.sha256(header)
     digest.update(num_words.to_bytes(8, "little") + width.to_bytes(8, "little"))
-    digest.update(sums.astype("<u8", copy=False))
+    digest.update(sums)
     return digest.hexdigest()[:32]
 
 
@@ -100,9 +101,10 @@ def _rowcol64(header: bytes, data: memoryview) -> str:
 def compute(algorithm: str, header: bytes, data: memoryview) -> str:
     """``"<algorithm>:<hex digest>"`` of `header` and the bytes of `data` (a 1-D byte view)."""
     if algorithm == "colsum64":
-        if memoryview(data).nbytes % 8:
-            raise ValueError(f"colsum64 needs a multiple of 8 bytes, got {memoryview(data).nbytes}")
-        return f"colsum64:{_colsum64(header, data)}"
+        num_bytes = data.nbytes if type(data) is np.ndarray else memoryview(data).nbytes
+        if num_bytes % 8:
+            raise ValueError(f"colsum64 needs a multiple of 8 bytes, got {num_bytes}")
+        return "colsum64:" + _colsum64(header, data)
     if algorithm == "rowcol64":
         return f"rowcol64:{_rowcol64(header, data)}"
     if algorithm == "crc32":

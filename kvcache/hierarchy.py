@@ -197,9 +197,10 @@ class TierStack:
         return True
 
     def _promote(self, depth: int, items: list[_Pending]) -> None:
-        evicted = self.device.put_many([(p.key, p.record(self)) for p in items], is_collecting_evicted=True)
-        if evicted:
-            self._submit([_Pending(key, record) for key, record in evicted], first_depth=1)
+        if self.device.budget_bytes > 0:  # (a device tier of no budget takes nothing)
+            evicted = self.device.put_many([(p.key, p.record(self)) for p in items], is_collecting_evicted=True)
+            if evicted:
+                self._submit([_Pending(key, record) for key, record in evicted], first_depth=1)
         if depth > 1:
             self._submit(items, first_depth=1, last_depth=depth - 1)
 

@@ -1,6 +1,7 @@
 """Cache keys: chained prefix hashes of token blocks, and the checkpoint / index keys built on them.
 
-Owns no state. Every hash is 16 bytes (SHA-256, truncated: SHA-NI makes it about twice as fast as
+Owns no state but a bounded memo of `span_key` (a pure function: a lookup asks for each of its
+span keys twice, and a resent prompt asks again). Every hash is 16 bytes (SHA-256, truncated: SHA-NI makes it about twice as fast as
 blake2b here), so keys are fixed width; every hashed field is fixed width or length-prefixed,
 so they are unambiguous. Token ids are hashed as little-endian uint32 (`token_bytes`); a
 sequence holding an id outside [0, 2**32) (no real vocabulary has one) is hashed as int64 under
@@ -14,6 +15,8 @@ another root: never a collision, only no shared keys with its in-range prefixes.
   `ChainHashes` computes them lazily: an anchor costs one hash call over its 32 blocks, a block
   inside a group one running-hash step, so a lookup pays per-block work only where it reads
   per-block keys (the index records of the last blocks), not for every block of a long context.
+  The token ids are converted to their hashed bytes once per sequence (one ``astype``), and a
+  lookup hashes each of them once: about 0.15 ms for 64K tokens here, SHA-256 at ~1.8 GB/s.
 - block record key ``"b" + hex(h_k)`` (the entries block ``k-1`` produced);
 - span record key ``"s" + hex(H("span", h_k, n))``: the entries of the ``n`` blocks ``[k-n, k)``
   (spans are aligned: ``k`` is a multiple of ``n``);
@@ -30,6 +33,7 @@ replaced scheme 1 (blake2b over int64 ids, chained block by block) together with
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Sequence
 
@@ -62,7 +66,8 @@ def token_array(token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
 def token_width(tokens: np.ndarray) -> int:
     """Bytes per hashed token id: 4 when every id is in [0, 2**32) (always, for a real
     vocabulary), else 8. One width per sequence: it enters the root hash."""
-    return 4 if len(tokens) == 0 or (int(tokens.min()) >= 0 and int(tokens.max()) >> 32 == 0) else 8
+    # one pass: as uint64 a negative id is above 2**63, so `max >> 32` is 0 only if all are in range
+    return 4 if len(tokens) == 0 or int(np.asarray(tokens, dtype="<i8").view("<u8").max()) >> 32 == 0 else 8
 
 
 def token_bytes(tokens: np.ndarray, width: int) -> memoryview:
@@ -75,6 +80,9 @@ def _salt_bytes(salt: str | bytes | None) -> bytes:
     if salt is None:
         return b""
     return salt if isinstance(salt, bytes) else str(salt).encode()
+
+
+_ANCHOR_FRAME = DIGEST_BYTES.to_bytes(8, "little")  # an anchor is framed as a 16-byte field
 
 
 def _hash(tag: bytes, *fields: bytes) -> bytes:
@@ -110,6 +118,7 @@ class ChainHashes(Sequence):
             self._base.update(len(value).to_bytes(8, "little") + value)
         self._anchors = [root_hash(fingerprint, salt, block_tokens, width)]  # h_0, h_32, h_64, ...
         self._groups: dict[int, list[bytes]] = {}  # g -> [h_{32g+1}, ..., h_{32g+32}] (or fewer at the end)
+        self._data: memoryview | None = None  # the hashed bytes of all the tokens (made on first use)
 
     def __len__(self) -> int:
         return self._num_blocks + 1
@@ -127,31 +136,36 @@ class ChainHashes(Sequence):
 
     def _start(self, anchor: bytes):
         digest = self._base.copy()
-        digest.update(DIGEST_BYTES.to_bytes(8, "little") + anchor)
+        digest.update(_ANCHOR_FRAME + anchor)
         return digest
 
     def _group_bytes(self, group: int) -> memoryview:
-        """The hashed bytes of a group's tokens (converted a group at a time: small buffers)."""
-        group_tokens = GROUP_BLOCKS * self._block_tokens
-        return token_bytes(self._tokens[group * group_tokens:(group + 1) * group_tokens], self._width)
+        """The hashed bytes of a group's tokens: a slice of all the tokens' bytes, converted
+        once (one ``astype`` of the whole array, not one per group)."""
+        if self._data is None:
+            self._data = token_bytes(self._tokens, self._width)
+        group_bytes = GROUP_BLOCKS * self._block_tokens * self._width
+        return self._data[group * group_bytes:(group + 1) * group_bytes]
 
     def _anchor(self, group: int) -> bytes:
         """h_{32 * group}: one hash call per group of 32 blocks on the way."""
-        while len(self._anchors) <= group:
-            g = len(self._anchors) - 1
-            digest = self._start(self._anchors[g])
+        anchors = self._anchors
+        while len(anchors) <= group:
+            g = len(anchors) - 1
+            digest = self._start(anchors[g])
             digest.update(self._group_bytes(g))
-            self._anchors.append(digest.digest()[:DIGEST_BYTES])
-        return self._anchors[group]
+            anchors.append(digest.digest()[:DIGEST_BYTES])
+        return anchors[group]
 
     def _group(self, group: int) -> list[bytes]:
         hashes = self._groups.get(group)
         if hashes is None:
             digest = self._start(self._anchor(group))
             data, width, hashes = self._group_bytes(group), self._block_tokens * self._width, []
+            update, append = digest.update, hashes.append
             for start in range(0, min(GROUP_BLOCKS, self._num_blocks - group * GROUP_BLOCKS) * width, width):
-                digest.update(data[start:start + width])
-                hashes.append(digest.copy().digest()[:DIGEST_BYTES])
+                update(data[start:start + width])
+                append(digest.copy().digest()[:DIGEST_BYTES])
             self._groups[group] = hashes
             if len(hashes) == GROUP_BLOCKS and len(self._anchors) == group + 1:
                 self._anchors.append(hashes[-1])
@@ -169,6 +183,7 @@ def block_key(block_hash: bytes) -> str:
     return BLOCK_PREFIX + block_hash.hex()
 
 
+@functools.lru_cache(maxsize=1 << 14)  # see the module docstring (a few MiB at most)
 def span_key(end_hash: bytes, num_blocks: int) -> str:
     """Key of the span record of the `num_blocks` blocks that end where `end_hash` ends."""
     return SPAN_PREFIX + _hash(b"span", end_hash, num_blocks.to_bytes(8, "little")).hex()

@@ -16,6 +16,8 @@ checkpoint back into the exact state dict at ``P``; ``assemble_state_bytes`` doe
 the runs' raw bytes (one byte copy per tensor of each record, no torch op), and
 ``state_row_blocks`` checks the same pieces but leaves each entries tensor as its list of row
 blocks (the deferred restore: the engine's state load copies them once, straight into place).
+All three check the pieces with `RunCheck`, which works on (dtype, shape) specs, so the restore
+path checks records from their parsed layout without building tensors first.
 """
 
 from __future__ import annotations
@@ -105,21 +107,6 @@ def block_tensors(
     return range_tensors(state, rates, block_id, 1, block_tokens)
 
 
-def num_run_blocks(run: Mapping[str, torch.Tensor], rates: Mapping[str, int], block_tokens: int) -> int:
-    """How many blocks a run's tensors cover; ValueError unless every tensor agrees."""
-    counts = set()
-    for name, tensor in run.items():
-        if name not in rates:
-            raise ValueError(f"no entry rate for {name!r}")
-        rows_per_block = block_tokens // rates[name]
-        if tensor.dim() < 1 or tensor.shape[0] % rows_per_block:
-            raise ValueError(f"{name!r}: {tuple(tensor.shape)} is not a whole number of blocks")
-        counts.add(tensor.shape[0] // rows_per_block)
-    if len(counts) != 1:
-        raise ValueError(f"a run's tensors disagree on its length ({sorted(counts)} blocks)")
-    return counts.pop()
-
-
 def checkpoint_tensors(
     state: Mapping[str, torch.Tensor], rates: Mapping[str, int], block_tokens: int
 ) -> dict[str, torch.Tensor]:
@@ -161,38 +148,60 @@ def state_row_blocks(
     entries tensor as the list of its row blocks (each run's rows in order, then the
     checkpoint's), which ``SequenceState.load`` copies once, straight into place. Nothing is
     copied: every tensor is one of the inputs or a view of one."""
-    num_tokens = _check_runs(runs, checkpoint, sum(num_run_blocks(run, rates, block_tokens) for run in runs),
-                             block_tokens)
-    state: dict[str, torch.Tensor | list[torch.Tensor]] = {}
-    for name, tensor in checkpoint.items():
-        if not is_entries(name):
-            state[name] = tensor
-            continue
-        if name not in rates:
-            raise ValueError(f"no entry rate for {name!r}")
-        parts = [run[name] for run in runs] + [tensor]
-        if any(p.dim() != tensor.dim() or p.shape[1:] != tensor.shape[1:] or p.dtype != tensor.dtype for p in parts):
-            raise ValueError(f"{name!r}: the runs' rows do not match the checkpoint's")
-        num_rows = sum(p.shape[0] for p in parts)
-        if num_rows != num_tokens // rates[name]:
-            raise ValueError(f"{name!r}: {num_rows} rows at {num_tokens} tokens")
-        state[name] = parts
-    return state
+    check = RunCheck(checkpoint, rates, block_tokens)
+    check.finish(sum(check.add({name: (t.dtype, tuple(t.shape)) for name, t in run.items()}) for run in runs))
+    return {name: [run[name] for run in runs] + [tensor] if name in check.rows_per_block else tensor
+            for name, tensor in checkpoint.items()}
 
 
-def _view_run_blocks(run: Mapping[str, ByteView], rates: Mapping[str, int], block_tokens: int) -> int:
-    """`num_run_blocks` of a run of byte views."""
-    counts = set()
-    for name, (_, _, shape) in run.items():
-        if name not in rates:
-            raise ValueError(f"no entry rate for {name!r}")
-        rows_per_block = block_tokens // rates[name]
-        if len(shape) < 1 or shape[0] % rows_per_block:
-            raise ValueError(f"{name!r}: {tuple(shape)} is not a whole number of blocks")
-        counts.add(shape[0] // rows_per_block)
-    if len(counts) != 1:
-        raise ValueError(f"a run's tensors disagree on its length ({sorted(counts)} blocks)")
-    return counts.pop()
+class RunCheck:
+    """Whether runs of blocks (block or span records, in order) fit a checkpoint at ``P``:
+    each run holds exactly the checkpoint's entries tensors, each a whole number of blocks (the
+    same number for all of them) with the checkpoint's dtype and row shape, and together the
+    runs cover exactly the ``P // B`` blocks before it. Runs are given as specs (name ->
+    (dtype, shape)), so records are checked without building their tensors. ValueError if not.
+    """
+
+    def __init__(self, checkpoint: Mapping[str, torch.Tensor], rates: Mapping[str, int], block_tokens: int):
+        self.num_tokens = state_num_tokens(checkpoint)
+        self.block_tokens = block_tokens
+        self.rows_per_block: dict[str, int] = {}  # every entries tensor of the checkpoint
+        self._expected: dict[str, tuple[int, torch.dtype, tuple[int, ...]]] = {}
+        for name, tensor in checkpoint.items():
+            if not is_entries(name):
+                continue
+            if name not in rates:
+                raise ValueError(f"no entry rate for {name!r}")
+            rate = rates[name]
+            if tensor.dim() < 1 or tensor.shape[0] != self.num_tokens % block_tokens // rate:
+                raise ValueError(f"{name!r}: the checkpoint's {tuple(tensor.shape)} rows at {self.num_tokens} tokens")
+            self.rows_per_block[name] = block_tokens // rate
+            self._expected[name] = (block_tokens // rate, tensor.dtype, tuple(tensor.shape[1:]))
+
+    def add(self, run: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> int:
+        """Check one run, given as its tensors' (dtype, shape); returns its number of blocks."""
+        if run.keys() != self._expected.keys():
+            raise ValueError("a run's tensors do not match the checkpoint's entries")
+        count = -1
+        for name, (dtype, shape) in run.items():
+            rows_per_block, expected_dtype, trailing = self._expected[name]
+            if not shape or shape[0] % rows_per_block:
+                raise ValueError(f"{name!r}: {tuple(shape)} is not a whole number of blocks")
+            if dtype != expected_dtype or tuple(shape[1:]) != trailing:
+                raise ValueError(f"{name!r}: the runs' rows do not match the checkpoint's")
+            if count < 0:
+                count = shape[0] // rows_per_block
+            elif shape[0] // rows_per_block != count:
+                raise ValueError(f"a run's tensors disagree on its length ({name!r})")
+        if count < 0:
+            raise ValueError("a run holds no tensors")
+        return count
+
+    def finish(self, num_blocks: int) -> int:
+        """Check that the runs cover exactly the checkpoint's preceding blocks; returns ``P``."""
+        if num_blocks != self.num_tokens // self.block_tokens:
+            raise ValueError(f"{num_blocks} blocks for a checkpoint at {self.num_tokens} tokens")
+        return self.num_tokens
 
 
 def leading_rows(view: ByteView, num_rows: int) -> ByteView:
@@ -202,29 +211,6 @@ def leading_rows(view: ByteView, num_rows: int) -> ByteView:
         return view
     row_bytes = data.nbytes // shape[0] if shape[0] else 0
     return data[:num_rows * row_bytes], dtype, (num_rows, *shape[1:])
-
-
-def _check_runs(runs, checkpoint: Mapping[str, torch.Tensor], num_blocks: int, block_tokens: int) -> int:
-    """Runs must cover exactly the checkpoint's preceding blocks and hold exactly its entries;
-    returns the checkpoint's token count."""
-    num_tokens = state_num_tokens(checkpoint)
-    if num_blocks != num_tokens // block_tokens:
-        raise ValueError(f"{num_blocks} blocks for a checkpoint at {num_tokens} tokens")
-    entry_names = {name for name in checkpoint if is_entries(name)}
-    if any(run.keys() != entry_names for run in runs):
-        raise ValueError("a run's tensors do not match the checkpoint's entries")
-    return num_tokens
-
-
-def _entries_to_fill(checkpoint: Mapping[str, torch.Tensor], rates: Mapping[str, int], state: dict):
-    """Copy the checkpoint's non-entry tensors into `state`; yield its (entries name, tensor)."""
-    for name, tensor in checkpoint.items():
-        if not is_entries(name):
-            state[name] = tensor.clone()
-            continue
-        if name not in rates:
-            raise ValueError(f"no entry rate for {name!r}")
-        yield name, tensor
 
 
 def assemble_state_bytes(
@@ -240,19 +226,15 @@ def assemble_state_bytes(
     first. `before_run(i)` is called right before run ``i``'s bytes are copied (the caller
     verifies that run's record there, so its bytes are still in cache for the copy); whatever
     it raises propagates."""
-    num_tokens = _check_runs(runs, checkpoint, sum(_view_run_blocks(run, rates, block_tokens) for run in runs),
-                             block_tokens)
+    check = RunCheck(checkpoint, rates, block_tokens)
+    check.finish(sum(check.add({name: (dtype, shape) for name, (_, dtype, shape) in run.items()}) for run in runs))
     state: dict[str, torch.Tensor] = {}
     outputs: dict[str, np.ndarray] = {}
-    for name, tensor in _entries_to_fill(checkpoint, rates, state):
-        trailing = tuple(tensor.shape[1:])
-        if tensor.dim() < 1 or any(dtype != tensor.dtype or tuple(shape[1:]) != trailing
-                                   for _, dtype, shape in (run[name] for run in runs)):
-            raise ValueError(f"{name!r}: the runs' rows do not match the checkpoint's")
-        num_rows = sum(run[name][2][0] for run in runs) + tensor.shape[0]
-        if num_rows != num_tokens // rates[name]:
-            raise ValueError(f"{name!r}: {num_rows} rows at {num_tokens} tokens")
-        state[name] = empty((num_rows, *trailing), tensor.dtype)
+    for name, tensor in checkpoint.items():
+        if name not in check.rows_per_block:
+            state[name] = tensor.clone()
+            continue
+        state[name] = empty((check.num_tokens // rates[name], *tensor.shape[1:]), tensor.dtype)
         outputs[name] = state[name].view(-1).view(torch.uint8).numpy()
     starts = []  # where each run's bytes go in each output
     positions = dict.fromkeys(outputs, 0)

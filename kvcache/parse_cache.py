@@ -25,6 +25,7 @@ right after it.
 
 from __future__ import annotations
 
+import struct
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -33,7 +34,8 @@ import numpy as np
 
 MAX_ENTRIES = 4096     # about 1-2 KiB of framing each: a few MiB at most
 MAX_FRAMING_BYTES = 1 << 16
-_CONTINUATION = b"\xff\xff\xff\xff"
+_CONTINUATION = 0xFFFFFFFF
+_PREFIX = struct.Struct("<Ii")  # a message's continuation marker and metadata length
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,8 @@ class Parsed:
     key: str
     stored_checksum: str
     header: bytes                                  # what the checksum digests besides the data
-    slots: dict                                    # name -> (lo, nbytes, torch dtype, shape) in the data
+    slots: dict                                    # name -> record.Slot: (lo, nbytes, dtype, shape, strides)
+    specs: dict                                    # name -> (dtype, shape)
     data_start: int                                # the data region: [data_start, data_end)
     data_end: int
 
@@ -61,13 +64,15 @@ class _Entry:
 def framing(view: memoryview) -> bytes | None:
     """The schema and batch message headers of an Arrow IPC stream (a 1-D byte view), or None
     if the bytes do not start like one (then the full parse decides what they are)."""
-    if view.nbytes < 8 or view[:4] != _CONTINUATION:
+    if view.nbytes < 8:
         return None
-    end = 8 + int.from_bytes(view[4:8], "little", signed=True)
-    if not 8 <= end <= min(view.nbytes - 8, MAX_FRAMING_BYTES) or view[end:end + 4] != _CONTINUATION:
+    continuation, length = _PREFIX.unpack_from(view, 0)
+    end = 8 + length
+    if continuation != _CONTINUATION or not 8 <= end <= min(view.nbytes - 8, MAX_FRAMING_BYTES):
         return None
-    end += 8 + int.from_bytes(view[end + 4:end + 8], "little", signed=True)
-    if not 16 <= end <= min(view.nbytes, MAX_FRAMING_BYTES):
+    continuation, length = _PREFIX.unpack_from(view, end)
+    end += 8 + length
+    if continuation != _CONTINUATION or not 16 <= end <= min(view.nbytes, MAX_FRAMING_BYTES):
         return None
     return view[:end].tobytes()
 
@@ -92,7 +97,7 @@ class ParseCache:
                 self._entries.move_to_end(key)
         head_end = len(key) + len(entry.body_head) if entry is not None else 0
         if (entry is None or view.nbytes != entry.total_bytes
-                or view[len(key):head_end] != entry.body_head):
+                or view[len(key):head_end].tobytes() != entry.body_head):  # (bytes compare: memcmp)
             self.num_misses += 1
             return None
         self.num_hits += 1

@@ -72,6 +72,10 @@ with warnings.catch_warnings():  # torch warns once per process about read-only 
     torch.from_numpy(np.frombuffer(b"\0" * 8, dtype=np.uint8))
 
 
+# a tensor's place in a record's data region: (byte offset, byte count, dtype, shape, strides)
+Slot = tuple[int, int, torch.dtype, tuple[int, ...], tuple[int, ...]]
+
+
 class RecordError(Exception):
     """A record that must not be used: corrupt, foreign, stale or misfiled. Treat as a miss."""
 
@@ -85,26 +89,30 @@ class Record:
 
     A decoded record also keeps its data region as one uint8 array and each tensor's place in
     it (`byte_views`): the restore path copies bytes from there straight into the state it
-    assembles, without building a torch view per tensor; `tensors` is then built on first use.
+    assembles, without building a torch view per tensor; `tensors` is then built on first use
+    (one ``as_strided`` per tensor, strides made by the parse). `specs` (each tensor's dtype and
+    shape) is made once per parse and shared, so the restore path checks a record's layout
+    without building anything.
     A record decoded with ``verify=False`` holds its checksum check until `verify` runs it;
     `tensors`, `byte_views` and `owned` run it first (so its bytes are never used unchecked).
     """
 
-    __slots__ = ("kind", "key", "is_borrowed", "_tensors", "_raw", "_slots", "_check")
+    __slots__ = ("kind", "key", "is_borrowed", "_tensors", "_raw", "_slots", "_specs", "_check")
 
     def __init__(self, kind: str, key: str, tensors: dict[str, torch.Tensor] | None = None,
                  is_borrowed: bool = False):
         self.kind, self.key, self.is_borrowed = kind, key, is_borrowed
         self._tensors = {} if tensors is None else tensors
         self._raw: np.ndarray | None = None  # the data region (decoded records)
-        self._slots: dict[str, tuple[int, int, torch.dtype, tuple[int, ...]]] | None = None
+        self._slots: dict[str, Slot] | None = None
+        self._specs: dict[str, tuple[torch.dtype, tuple[int, ...]]] | None = None  # (decoded records)
         self._check: tuple[str, bytes] | None = None  # (stored checksum, header) not yet verified
 
     @classmethod
-    def _decoded(cls, kind: str, key: str, raw: np.ndarray, slots: dict, is_borrowed: bool,
+    def _decoded(cls, kind: str, key: str, raw: np.ndarray, slots: dict, specs: dict, is_borrowed: bool,
                  check: tuple[str, bytes] | None = None) -> Record:
         record = cls(kind, key, None, is_borrowed)
-        record._tensors, record._raw, record._slots, record._check = None, raw, slots, check
+        record._tensors, record._raw, record._slots, record._specs, record._check = None, raw, slots, specs, check
         return record
 
     @property
@@ -122,9 +130,7 @@ class Record:
     def tensors(self) -> dict[str, torch.Tensor]:
         if self._tensors is None:
             self.verify()
-            base = torch.from_numpy(self._raw)  # shares the region (read-only if borrowed)
-            self._tensors = {name: base[lo:lo + nbytes].view(dtype).view(shape)
-                             for name, (lo, nbytes, dtype, shape) in self._slots.items()}
+            self._tensors = _strided_views(self._raw, self._slots)  # shares the region (read-only if borrowed)
         return self._tensors
 
     def tensor_views(self, *, verify: bool = True) -> dict[str, torch.Tensor]:
@@ -133,7 +139,14 @@ class Record:
         restore verifies each record right before copying its rows, see restore.py)."""
         if verify or self._slots is None or self._check is None:
             return self.tensors
-        return _strided_views(torch.from_numpy(self._raw), self._slots)
+        return _strided_views(self._raw, self._slots)
+
+    def specs(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """Each tensor's (dtype, shape), from the parsed layout (no tensor built, no check run;
+        read-only: a decoded record shares it)."""
+        if self._specs is not None:  # made by the parse (shared by the records parsed from the same bytes)
+            return self._specs
+        return {name: (t.dtype, tuple(t.shape)) for name, t in self._tensors.items()}
 
     def byte_views(self, *, verify: bool = True) -> dict[str, tuple[np.ndarray, torch.dtype, tuple[int, ...]]]:
         """Each tensor as (its contiguous bytes as a uint8 array (a view, no copy), dtype, shape).
@@ -143,7 +156,7 @@ class Record:
         if self._slots is not None:
             raw = self._raw
             return {name: (raw[lo:lo + nbytes], dtype, shape)
-                    for name, (lo, nbytes, dtype, shape) in self._slots.items()}
+                    for name, (lo, nbytes, dtype, shape, _) in self._slots.items()}
         return {name: (_byte_view(t.contiguous()), t.dtype, tuple(t.shape)) for name, t in self._tensors.items()}
 
     @property
@@ -158,27 +171,34 @@ class Record:
         if not self.is_borrowed:
             return self
         if self._slots is not None:  # one copy of the whole region
-            return Record._decoded(self.kind, self.key, self._raw.copy(), self._slots, False)
+            return Record._decoded(self.kind, self.key, self._raw.copy(), self._slots, self._specs, False)
         return Record(self.kind, self.key, {name: t.clone() for name, t in self._tensors.items()})
 
     def __repr__(self) -> str:
         return f"Record({self.kind!r}, {self.key!r}, {self.num_bytes} bytes, is_borrowed={self.is_borrowed})"
 
 
-def _strided_views(base: torch.Tensor, slots: dict) -> dict[str, torch.Tensor]:
-    """Each slot of a uint8 `base` as a contiguous tensor view: one `as_strided` per tensor on a
-    view of `base` in its dtype (slots start at multiples of 16 bytes, so the offsets divide)."""
+def _strided_views(raw: np.ndarray, slots: dict[str, Slot]) -> dict[str, torch.Tensor]:
+    """Each slot of the uint8 region `raw` as a contiguous tensor view: one `as_strided` per
+    tensor on a view of the region in its dtype (slots start at multiples of 16 bytes, so the
+    offsets divide; the strides were computed by the parse)."""
+    base = torch.from_numpy(raw)
     typed: dict[torch.dtype, torch.Tensor] = {}
     out = {}
-    for name, (lo, _, dtype, shape) in slots.items():
+    for name, (lo, _, dtype, shape, strides) in slots.items():
         whole = typed.get(dtype)
         if whole is None:
-            whole = typed[dtype] = base[:base.numel() // dtype.itemsize * dtype.itemsize].view(dtype)
-        strides = [1] * len(shape)
-        for i in range(len(shape) - 1, 0, -1):
-            strides[i - 1] = strides[i] * shape[i]
-        out[name] = whole.as_strided(shape, strides, whole.storage_offset() + lo // dtype.itemsize)
+            size = dtype.itemsize
+            whole = typed[dtype] = (base if raw.nbytes % size == 0 else base[:raw.nbytes // size * size]).view(dtype)
+        out[name] = whole.as_strided(shape, strides, lo // dtype.itemsize)
     return out
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides = [1] * len(shape)
+    for i in range(len(shape) - 1, 0, -1):
+        strides[i - 1] = strides[i] * shape[i]
+    return tuple(strides)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -301,7 +321,8 @@ def _decode(data, fingerprint: str, expected_key: str | None, is_borrowed: bool,
     parsed = parse_cache.CACHE.get(framing, view)
     if parsed is not None:  # the same framing bytes as a record parsed before (parse_cache.py)
         raw = np.frombuffer(view, dtype=np.uint8)[parsed.data_start:parsed.data_end]
-        if raw.__array_interface__["data"][0] % _MAX_ITEMSIZE:  # misaligned for a tensor view: parse
+        address = data.address + parsed.data_start if type(data) is pa.Buffer else raw.__array_interface__["data"][0]
+        if address % _MAX_ITEMSIZE:  # misaligned for a tensor view: parse
             parsed = None
     if parsed is None:
         parsed, raw = _parse(data, view)
@@ -320,7 +341,8 @@ def _decode(data, fingerprint: str, expected_key: str | None, is_borrowed: bool,
         _verify_checksum(*check, raw)
     if not is_borrowed:  # one copy of all tensor bytes
         raw = raw.copy()
-    return Record._decoded(parsed.kind, parsed.key, raw, parsed.slots, is_borrowed, None if verify else check)
+    return Record._decoded(parsed.kind, parsed.key, raw, parsed.slots, parsed.specs, is_borrowed,
+                           None if verify else check)
 
 
 def _parse(data, view: memoryview) -> tuple[parse_cache.Parsed, np.ndarray]:
@@ -362,6 +384,7 @@ def _parse(data, view: memoryview) -> tuple[parse_cache.Parsed, np.ndarray]:
         lo, hi = offsets[i] - start, offsets[i + 1] - start
         if lo % _ALIGN or not hi - _ALIGN < lo + nbytes <= hi:
             raise RecordError(f"tensor {name!r}: {nbytes} bytes do not fit its {hi - lo}-byte slot")
-        slots[name] = (lo, nbytes, torch_dtype, tuple(shape))
-    parsed = parse_cache.Parsed(version, record_fingerprint, kind, key, stored, header, slots, 0, raw.nbytes)
+        slots[name] = (lo, nbytes, torch_dtype, tuple(shape), _contiguous_strides(shape))
+    specs = {name: (dtype, shape) for name, (_, _, dtype, shape, _) in slots.items()}
+    parsed = parse_cache.Parsed(version, record_fingerprint, kind, key, stored, header, slots, specs, 0, raw.nbytes)
     return parsed, raw

@@ -39,27 +39,31 @@ class DeferredState:
 
     `tensors`: the state dict in ``SequenceState.load`` form: non-entries tensors are views of
     the (verified) checkpoint record; each "*.entries" value is a list of row blocks, block j a
-    view of run record j (j < num_runs; unverified until `settle_run(j)`), the last block the
-    checkpoint's rows. `settle_run(j)` verifies (and promotes) run j: False if it is corrupt.
+    view of run j's record (j < num_runs; unverified until settled), the last block the
+    checkpoint's rows. `runs` are the lookup's hits (`hierarchy.Hit`) of the run records, in
+    block order; ``settle(hit)`` (`TierStack.settle`) verifies (and promotes) one: False if it
+    is corrupt (it was deleted from its tier).
     """
 
-    def __init__(self, tensors: dict[str, torch.Tensor | list[torch.Tensor]], run_keys: Sequence[str],
-                 settle_run: Callable[[int], bool]):
+    def __init__(self, tensors: dict[str, torch.Tensor | list[torch.Tensor]], runs: Sequence,
+                 settle: Callable[[object], bool]):
         self.tensors = tensors
-        self.run_keys = list(run_keys)
-        self._settle_run = settle_run
-        self._is_settled = [False] * len(self.run_keys)
+        self.runs = list(runs)
+        self._settle = settle
+        self._num_settled = 0  # runs [0, _num_settled) are verified (`load` goes in block order)
 
     @property
     def num_runs(self) -> int:
-        return len(self.run_keys)
+        return len(self.runs)
 
     def _before_block(self, block_id: int) -> None:
-        """`SequenceState.load`'s hook: verify run `block_id` right before its rows are copied."""
-        if block_id < self.num_runs and not self._is_settled[block_id]:
-            if not self._settle_run(block_id):
-                raise CorruptRun(self.run_keys[block_id])
-            self._is_settled[block_id] = True
+        """`SequenceState.load`'s hook: verify run `block_id` (and any before it not yet
+        verified) right before its rows are copied."""
+        while self._num_settled <= block_id and self._num_settled < len(self.runs):
+            hit = self.runs[self._num_settled]
+            if not self._settle(hit):
+                raise CorruptRun(hit.record.key)
+            self._num_settled += 1
 
     def load_into(self, state) -> bool:
         """Load into `state` (a fresh engine state: ``SequenceState.load`` with the row blocks).
@@ -67,8 +71,7 @@ class DeferredState:
         is then partly loaded and must be discarded. Shape errors raise before `state` changes."""
         try:
             state.load(self.tensors, before_block=self._before_block)
-            for run_id in range(self.num_runs):  # runs no entries tensor used (none in practice)
-                self._before_block(run_id)
+            self._before_block(len(self.runs) - 1)  # runs no entries tensor used (none in practice)
         except CorruptRun:
             return False
         return True

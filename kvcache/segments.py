@@ -94,11 +94,13 @@ class SegmentReader:
             raise ValueError(f"{path.name}: not a KV segment (schema {reader.schema})")
         self._batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
         self._offsets = []
+        self._data: list[pa.Buffer | None] = []  # each batch's record bytes (the memory map)
         for batch in self._batches:
             column = batch.column(1)
             self._offsets.append(np.frombuffer(
                 column.buffers()[1], dtype=np.int64, count=len(column) + 1, offset=8 * column.offset
             ))
+            self._data.append(column.buffers()[2])
 
     def scan(self) -> list[SegmentRow]:
         rows = []
@@ -111,9 +113,8 @@ class SegmentReader:
 
     def read(self, batch_id: int, row_id: int) -> pa.Buffer:
         """The record bytes at (batch, row): a zero-copy slice of the memory map."""
-        offsets = self._offsets[batch_id]
-        start, end = int(offsets[row_id]), int(offsets[row_id + 1])
-        data = self._batches[batch_id].column(1).buffers()[2]
+        start, end = self._offsets[batch_id][row_id:row_id + 2].tolist()
+        data = self._data[batch_id]
         if data is None or start < 0 or end > data.size or end < start:
             raise ValueError(f"{self.path.name}: row {row_id} out of bounds")
         return data.slice(start, end - start)

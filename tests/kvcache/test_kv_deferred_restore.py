@@ -11,6 +11,7 @@ import torch
 from kv_model_helpers import random_tokens, relative_error, service_for, stores
 from kvcache.disk_tier import DiskTier
 from kvcache.keys import chain_hashes, span_key, token_array
+from kvcache.restore import DeferredState
 from kvcache.resume import import_state, prefill, prompt_checkpoints, resume
 
 NUM_PROMPT_TOKENS = 603
@@ -95,3 +96,41 @@ def test_a_span_corrupt_mid_restore_drops_the_state_and_resume_recomputes(tier, 
         assert resumed.num_cached_tokens == 256 and resumed.checkpoint_tier == tier   # span [0, 2) still intact
         cold = prefill(tiny_model, tiny_model.new_state(), original["prompt"], chunk_tokens=256)
         assert relative_error(resumed.logits, cold.logits) <= TOLERANCE
+
+
+class _Run:
+    """A stand-in for a lookup hit: what DeferredState reads of one (its record's key)."""
+
+    def __init__(self, key):
+        self.record = type("R", (), {"key": key})()
+
+
+class _Loader:
+    """An engine state that calls ``before_block`` for the blocks it copies."""
+
+    def __init__(self, block_ids):
+        self.block_ids, self.loaded = block_ids, []
+
+    def load(self, tensors, *, before_block):
+        for j in self.block_ids:
+            before_block(j)
+            self.loaded.append(j)
+
+
+@pytest.mark.parametrize("block_ids", [[0, 1, 2, 3], [0, 2], []])
+def test_every_run_is_settled_once_in_order_before_its_block(block_ids):
+    settled = []
+    runs = [_Run(f"s{i}") for i in range(3)]   # blocks 0-2 from runs, block 3 from the checkpoint
+    deferred = DeferredState({}, runs, lambda hit: settled.append(hit.record.key) or True)
+    loader = _Loader(block_ids)
+    assert deferred.load_into(loader) and loader.loaded == block_ids
+    assert settled == ["s0", "s1", "s2"]   # runs a load skips are settled too, and none twice
+
+
+def test_a_run_failing_its_settle_stops_the_load_before_its_block():
+    settled = []
+    deferred = DeferredState({}, [_Run("s0"), _Run("s1"), _Run("s2")],
+                             lambda hit: settled.append(hit.record.key) or hit.record.key != "s1")
+    loader = _Loader([0, 1, 2, 3])
+    assert not deferred.load_into(loader)
+    assert loader.loaded == [0] and settled == ["s0", "s1"]

@@ -91,3 +91,51 @@ def test_fp8_tensor_dicts_round_trip_names():
     assert restored.keys() == state.keys()
     assert torch.equal(restored["1.comp.tail_kv"], state["1.comp.tail_kv"])
     assert torch.equal(restored["num_tokens"], state["num_tokens"])
+
+
+def specs(tensors):
+    return {name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()}
+
+
+def test_run_check_accepts_fitting_runs_and_counts_their_blocks():
+    rates = LAY.entry_rates
+    state = synthetic_state(LAY, TOKENS, 700)  # 5 full blocks of 128
+    checkpoint = layout.checkpoint_tensors(state, rates, 128)
+    check = layout.RunCheck(checkpoint, rates, 128)
+    assert check.rows_per_block == {name: 128 // rate for name, rate in rates.items()}
+    runs = [layout.range_tensors(state, rates, 0, 3, 128), layout.range_tensors(state, rates, 3, 2, 128)]
+    assert [check.add(specs(run)) for run in runs] == [3, 2]
+    assert check.finish(5) == 700
+    with pytest.raises(ValueError):
+        check.finish(4)
+
+
+def test_run_check_rejects_every_misfit():
+    rates = LAY.entry_rates
+    state = synthetic_state(LAY, TOKENS, 700)
+    checkpoint = layout.checkpoint_tensors(state, rates, 128)
+    check = layout.RunCheck(checkpoint, rates, 128)
+    run = specs(layout.range_tensors(state, rates, 0, 2, 128))
+    name = "1.comp.entries"
+    dtype, shape = run[name]
+    misfits = [
+        {k: v for k, v in run.items() if k != name},                        # a tensor missing
+        dict(run, extra=(dtype, shape)),                                      # a tensor too many
+        dict(run, **{name: (dtype, (shape[0] - 1, *shape[1:]))}),             # not a whole block
+        dict(run, **{name: (dtype, (shape[0] // 2, *shape[1:]))}),            # one block where the others have two
+        dict(run, **{name: (torch.bfloat16, shape)}),                         # another dtype
+        dict(run, **{name: (dtype, (shape[0], shape[1] + 1))}),               # another row shape
+        dict(run, **{name: (dtype, (shape[0], *shape[1:], 1))}),              # another rank
+        dict(run, **{name: (dtype, ())}),                                     # a scalar
+    ]
+    for misfit in misfits:
+        with pytest.raises(ValueError):
+            check.add(misfit)
+    assert check.add(run) == 2
+    with pytest.raises(ValueError, match="no entry rate"):
+        layout.RunCheck(checkpoint, {k: v for k, v in rates.items() if k != name}, 128)
+    short = dict(checkpoint, **{name: checkpoint[name][:-1]})  # the checkpoint's own rows must fit P
+    with pytest.raises(ValueError):
+        layout.RunCheck(short, rates, 128)
+    with pytest.raises(ValueError):
+        layout.RunCheck({"num_tokens": torch.tensor(128)}, rates, 128).add({})  # a run of no tensors

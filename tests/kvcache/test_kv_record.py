@@ -105,3 +105,17 @@ def test_encode_rejects_bad_input():
         encode_record(Record("block", "k", {}), "fp", checksum="md5")
     with pytest.raises(ValueError):
         encode_record(Record("block", "k", {"a\0b": torch.ones(2)}), "fp")
+
+
+def test_unverified_views_and_specs_come_from_the_parse():
+    tensors = {k: v.contiguous() for k, v in sample_tensors().items()}
+    data = bytes(encode_record(Record("checkpoint", "ckey", tensors), "model-a"))
+    lazy = decode_record(data, "model-a", expected_key="ckey", is_borrowed=True, verify=False)
+    expected_specs = {name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()}
+    assert lazy.specs() == expected_specs and Record("checkpoint", "ckey", tensors).specs() == expected_specs
+    views = lazy.tensor_views(verify=False)
+    assert not lazy.is_verified  # nothing checked yet: the caller verifies before using the bytes
+    start = np.frombuffer(data, np.uint8).ctypes.data
+    assert all(start <= t.data_ptr() < start + len(data) for t in views.values() if t.numel())
+    assert all(t.is_contiguous() for t in views.values())
+    assert bitwise_equal(views, tensors) and bitwise_equal(lazy.tensors, tensors) and lazy.is_verified
