@@ -159,8 +159,11 @@ def launch(checkpoint_dir: str, num_expert_shards: int = 2, micro_batches: int =
            dtype: torch.dtype = torch.float32, device: str | torch.device | None = None,
            shard_resources: list[dict] | None = None, cpus_per_shard: float = 1.0,
            collective_timeout_s: float = 20.0, restart_timeout_s: float = 120.0, max_restarts: int = 3,
-           placement_timeout_s: float = 60.0, cuda_graphs: bool = True, max_graph_batch: int = 256) -> EPRunner:
-    """Start N ExpertShard actors and a router in this process; see the module docstring."""
+           placement_timeout_s: float = 60.0, cuda_graphs: bool = True, max_graph_batch: int = 256,
+           compiled_decode: bool = False) -> EPRunner:
+    """Start N ExpertShard actors and a router in this process; see the module docstring.
+    `compiled_decode`: the router's decode steps run its layers as compiled regions
+    (model_shards.regions; inside the graph segments on a GPU)."""
     if transport not in TRANSPORTS:
         raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
     if micro_batches < 1:
@@ -209,6 +212,9 @@ def launch(checkpoint_dir: str, num_expert_shards: int = 2, micro_batches: int =
     if is_gpu and cuda_graphs:   # the router's decode steps replay graph segments around the dispatches
         from model_shards.segment_graphs import SegmentGraphs
         graphs = SegmentGraphs(dense, max_batch=max_graph_batch)
+    if compiled_decode:
+        from model_shards.regions import DecodeRegions
+        dense.regions = DecodeRegions()
     router = Router(dense, transports[transport], micro_batches, graphs)
     runner = EPRunner(cfg, checkpoint_fingerprint(checkpoint_dir), router, shards, infos, placement, transports,
                       assignment)

@@ -118,6 +118,7 @@ class StepTiming:
     wait_s: float = 0.0           # blocked in transport.combine (experts + wire not hidden by overlap)
     num_tokens: int = 0
     num_micro_batches: int = 1
+    num_cut_sequences: int = 0    # prefills cut inside the sequence over micro-batches (StepBatch.plan)
 
 
 # ---- engine <-> ingress ---------------------------------------------------------------------------

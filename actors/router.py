@@ -5,8 +5,8 @@ pipeline; NOT the sequence states (the caller owns them: the Engine, or `forward
 shards (the transport talks to them). One step at a time (a lock), since the shards follow one
 fixed message order.
 
-Overlap (ping-pong). The step's sequences are split into M micro-batches (StepBatch.split,
-balanced token counts). For every layer and micro-batch m in order:
+Overlap (ping-pong). The step's tokens are split into M micro-batches of balanced token counts
+(StepBatch.plan). For every layer and micro-batch m in order:
 
     combine(m, layer-1) -> moe_end          wait for m's routed experts of the previous layer
     attention(m, layer) -> gate             the router's own work for m
@@ -15,9 +15,16 @@ balanced token counts). For every layer and micro-batch m in order:
                                             micro-batch m+1's combine / attention / gate
 So with M = 2, while the shards compute micro-batch 0 of layer i the router runs attention and the
 shared expert of micro-batch 1, and vice versa (the dual-batch overlap of DeepEP / SGLang TBO).
-M = 1 keeps only the shared-expert overlap. Micro-batches split by sequence: a single long
-prompt is one micro-batch (splitting inside a sequence would need per-layer positions in
-model_shards).
+M = 1 keeps only the shared-expert overlap.
+
+Token-level split. Whole sequences go to micro-batches when that balances them; otherwise a
+prefill is cut inside the sequence (parts of >= `min_split_tokens`; decode rows never): a single
+long prompt's tokens [0, a) go to micro-batch 0 and [a, S) to micro-batch 1. This is exact
+because each layer runs micro-batch m's attention before m+1's: at layer i, part [a, S) starts
+at position num_tokens + a and finds the layer's state (window, compressor tails and overlap,
+entries, indexer keys) already advanced by [0, a) at that layer, as a chunked prefill would. Each
+part advances the state's token counter by its length at finish (so by S in all), and only the
+part that ends a sequence gives its last-token logits (all_logits: the parts' rows, in order).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import time
 import torch
 
 from model_shards import DenseModel, SequenceState, StepBatch
+from model_shards.micro_batches import MIN_PART_TOKENS, SegmentPart
 from model_shards.segment_graphs import SegmentGraphs
 
 from .messages import StepTiming
@@ -48,6 +56,7 @@ class Router:
         self.micro_batches = micro_batches
         self.layer_ids = tuple(range(self.config.num_layers))   # every V4 layer has a MoE
         self.prefill_chunk = 4096       # forward() runs prompts in chunks of this many tokens
+        self.min_split_tokens = MIN_PART_TOKENS   # a prefill is cut over micro-batches into parts >= this
         self.last_timing = StepTiming()
         self._step_id = 0
         self._lock = threading.Lock()
@@ -72,25 +81,40 @@ class Router:
         t_start = time.perf_counter()
         dense, transport = self.dense, self.transport
         ids = [t.reshape(-1) for t in token_ids]
-        groups = StepBatch.build(states, ids).split(num_parts)     # validates the step's shape
-        if self.graphs is not None and not all_logits and self.graphs.can_step(states, ids):
-            return self._graph_step(states, ids, groups, t_start)
+        plan = StepBatch.build(states, ids).plan(num_parts, self.min_split_tokens)   # validates the step's shape
+        num_cut = len({p.segment for mb in plan for p in mb if not p.is_last})
+        if self.graphs is not None and not all_logits and not num_cut and self.graphs.can_step(states, ids):
+            return self._graph_step(states, ids, [[p.segment for p in mb] for mb in plan], t_start)
         # begin_step validates token ids before any shard is involved
-        mbs = [dense.begin_step([states[k] for k in g], [ids[k] for k in g]) for g in groups]
+        mbs = [self._begin(states, ids, mb) for mb in plan]
         transport.ensure_ready()
         self._step_id += 1
-        timing = StepTiming(num_tokens=sum(b.num_tokens for _, b in mbs), num_micro_batches=len(mbs))
+        timing = StepTiming(num_tokens=sum(b.num_tokens for _, b in mbs), num_micro_batches=len(mbs),
+                            num_cut_sequences=num_cut)
         transport.begin_step(self._step_id, self.layer_ids, tuple(b.num_tokens for _, b in mbs))
         hs = self._in_step(lambda: self._layers([h for h, _ in mbs], [b for _, b in mbs], timing))
-        out: list[torch.Tensor | None] = [None] * len(states)
+        pieces: list[list[torch.Tensor]] = [[] for _ in states]   # per sequence, its parts' logits in order
         is_finite = True
-        for g, h, (_, batch) in zip(groups, hs, mbs):
+        for mb, h, (_, batch) in zip(plan, hs, mbs):
+            # every part's last row (a non-final part's only shows whether its shards answered
+            # NaN); the sequence's logits come from the part that ends it (all_logits: every row)
             logits = dense.finish_step(h, batch, None if all_logits else batch.last_rows())
             is_finite = is_finite and bool(torch.isfinite(logits).all())
-            per_seq = [logits[s: s + n] for s, n in zip(batch.starts, batch.lengths)] if all_logits else list(logits)
-            for k, lg in zip(g, per_seq):
-                out[k] = lg
+            for i, part in enumerate(mb):
+                if all_logits:
+                    pieces[part.segment].append(logits[batch.starts[i]: batch.starts[i] + batch.lengths[i]])
+                elif part.is_last:
+                    pieces[part.segment].append(logits[i])
+        out = [p[0] if len(p) == 1 else torch.cat(p) for p in pieces]
         return self._end(out, is_finite, timing, t_start)
+
+    def _begin(self, states, ids, parts: list[SegmentPart]) -> tuple[torch.Tensor, StepBatch]:
+        """One micro-batch's embedded tokens and StepBatch; a later part of a cut prefill starts at
+        its offset past the state's counter (DenseModel.begin_step with positions offset)."""
+        sts = [states[p.segment] for p in parts]
+        toks = [ids[p.segment][p.offset: p.offset + p.length] for p in parts]
+        offsets = [p.offset for p in parts]
+        return self.dense.begin_step(sts, toks, offsets if any(offsets) else None)
 
     def _in_step(self, run):
         """run() between begin_step and end_step; on any error the transport aborts the step and

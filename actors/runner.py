@@ -35,33 +35,46 @@ class ModelRunner(Protocol):
 class LocalRunner:
     """Single-process runner: the model with all experts in this process. On a GPU whose model
     can be captured (model_shards.cuda_graph), decode-only steps replay CUDA graphs; prefill and
-    mixed steps, and every step on CPU, run the model eagerly."""
+    mixed steps, and every step on CPU, run the model eagerly. `compiled_decode`: decode steps'
+    layers run as compiled regions (model_shards.regions; inside the graphs on a GPU)."""
 
-    def __init__(self, model: DeepseekV4, cuda_graphs: bool = True, max_num_seqs: int = 64):
+    def __init__(self, model: DeepseekV4, cuda_graphs: bool = True, max_num_seqs: int = 64,
+                 compiled_decode: bool = False):
         self.model = model
         self.config = model.config
         self.fingerprint = model.fingerprint
         self.graphs = None
         dense = model.dense
+        if compiled_decode:
+            from model_shards.regions import DecodeRegions
+            dense.regions = DecodeRegions()
         if cuda_graphs and dense.device.type == "cuda" and model.experts.is_sync_free(dense.device, dense.dtype):
             from model_shards.cuda_graph import DecodeGraphs
             self.graphs = DecodeGraphs(model, max_batch=max_num_seqs)
-        if dense.device.type == "cpu" and model.experts.gathered.is_enabled:
+        if self.graphs is not None and compiled_decode:
+            self.graphs.warm_up(self.config.index_topk + 1)
+        elif dense.device.type == "cpu" and (model.experts.gathered.is_enabled or compiled_decode):
             self.warm_up()
 
     @torch.no_grad()
     def warm_up(self) -> None:
-        """Compile what compiles on first use (the CPU decode experts, for one row and for several)
-        on throwaway states, so that the first request does not wait for it."""
+        """Compile what compiles on first use (the CPU decode experts, for one row and for several;
+        the decode regions, when on) on throwaway states, so that the first request does not wait
+        for it. (Regions of steps whose sequences hold more than the indexer's top-k entries
+        compile on first use.)"""
+        window = self.config.sliding_window
         states = [self.model.new_state() for _ in range(2)]
-        self.model.step(states, [torch.tensor([0, 1]), torch.tensor([1, 0])], all_logits=False)
-        self.model.step(states[:1], [torch.tensor([2])], all_logits=False)
+        self.model.step(states, [torch.arange(window + 2) % 2, torch.arange(window + 2) % 3], all_logits=False)
+        for _ in range(2):
+            self.model.step(states, [torch.tensor([0]), torch.tensor([1])], all_logits=False)
+            self.model.step(states[:1], [torch.tensor([2])], all_logits=False)
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                        progress=None, cuda_graphs: bool = True, max_num_seqs: int = 64) -> "LocalRunner":
+                        progress=None, cuda_graphs: bool = True, max_num_seqs: int = 64,
+                        compiled_decode: bool = False) -> "LocalRunner":
         model = DeepseekV4.from_pretrained(path, dtype=dtype, device=device, progress=progress)
-        return cls(model, cuda_graphs=cuda_graphs, max_num_seqs=max_num_seqs)
+        return cls(model, cuda_graphs=cuda_graphs, max_num_seqs=max_num_seqs, compiled_decode=compiled_decode)
 
     def new_state(self) -> SequenceState:
         return self.model.new_state()

@@ -96,6 +96,7 @@ def main() -> None:
     p.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--graphs", action="store_true", help="replay decode steps from CUDA graphs (model_shards.cuda_graph)")
+    p.add_argument("--regions", action="store_true", help="compiled decode regions (model_shards.regions)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -105,7 +106,10 @@ def main() -> None:
         generate(path, args.preset, "hf", "none", seed=0, dtype=dtype, with_mtp=False)
     model = DeepseekV4.from_pretrained(path, dtype=dtype, device=device, load_mtp=False)
     cfg: ModelConfig = model.config
-    result = {"preset": args.preset, "device": device, "graphs": args.graphs, "dtype": str(dtype).removeprefix("torch."),
+    if args.regions:
+        from model_shards.regions import DecodeRegions
+        model.dense.regions = DecodeRegions()
+    result = {"preset": args.preset, "device": device, "graphs": args.graphs, "regions": args.regions, "dtype": str(dtype).removeprefix("torch."),
               "num_layers": cfg.num_layers, "threads": torch.get_num_threads(), "decode": {}}
     for batch in (int(b) for b in args.batches.split(",")):
         result["decode"][f"batch_{batch}"] = profile_batch(model, batch, args.steps, device, args.graphs)

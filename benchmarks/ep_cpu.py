@@ -2,6 +2,7 @@
 and decode step time of router + 2 shards vs the single-process model.
 
     python benchmarks/ep_cpu.py [--preset small] [--shards 2] [--layers 64] [--iters 5] [--no-append]
+                                [--prefill-tokens 2048] [--skip-overhead] [--skip-decode]
 
 1. Overhead: router + N shards of a checkpoint shaped like the preset but with 8-wide experts
    (moe_intermediate_size=8: the wire carries the same rows, the experts cost ~nothing, so the
@@ -12,6 +13,9 @@ and decode step time of router + 2 shards vs the single-process model.
    overhead = round trip - compute, and the best run's overhead (this box is shared: see the load).
 2. Decode: B sequences (16-token prompts), then decode steps; p50 step time for the
    single-process DeepseekV4 and for router + N shards (collective M=1 / M=2, ray M=1).
+3. Prefill overlap: one --prefill-tokens prompt (default 2048) in one step, router + N shards,
+   collective, micro_batches 1 vs 2 (M=2 cuts the prompt inside the sequence: two halves);
+   best of --prefill-repeats steps each, the two settings alternating. Speedup = M1 time / M2 time.
 Targets (issue #3): collective overhead <= 1 ms per layer here, and >= 5x below the Ray transport.
 Prints JSON and appends it to benchmarks/RESULTS.md.
 """
@@ -86,6 +90,29 @@ def overhead(runner, batch: int, layers: int, iters: int) -> dict:
 
 
 @torch.no_grad()
+def prefill_overlap(runner, tokens: int, repeats: int, vocab: int) -> dict:
+    """One `tokens`-token prompt per step on fresh states; micro_batches 1 and 2 alternate run by
+    run (the first of each warms up); the best run of each, with its StepTiming."""
+    runner.use_transport("collective")
+    best: dict = {}
+    for it in range(repeats + 1):
+        prompt = torch.randint(0, vocab, (tokens,), generator=torch.Generator().manual_seed(it))
+        for mb in (1, 2):
+            runner.micro_batches = mb
+            t0 = time.perf_counter()
+            runner.step([runner.new_state()], [prompt])
+            dt = time.perf_counter() - t0
+            t = runner.last_timing
+            if it and (mb not in best or dt < best[mb]["step_ms"] / 1e3):
+                best[mb] = {"step_ms": round(dt * 1e3, 1), "tok_per_s": round(tokens / dt, 1),
+                            "router_dense_ms": round(t.dense_s * 1e3, 1), "router_wait_ms": round(t.wait_s * 1e3, 1),
+                            "micro_batches": t.num_micro_batches, "cut_sequences": t.num_cut_sequences}
+    runner.micro_batches = 1
+    return {"tokens": tokens, "micro_batches_1": best[1], "micro_batches_2": best[2],
+            "overlap_speedup": round(best[1]["step_ms"] / best[2]["step_ms"], 3)}
+
+
+@torch.no_grad()
 def decode_ms(new_state, step, batch: int, steps: int, vocab: int) -> float:
     gen = torch.Generator().manual_seed(batch)
     states = [new_state() for _ in range(batch)]
@@ -107,6 +134,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--decode-steps", type=int, default=20)
     p.add_argument("--batches", default="1,32")
+    p.add_argument("--prefill-tokens", type=int, default=2048, help="prompt of the prefill overlap run (0: skip)")
+    p.add_argument("--prefill-repeats", type=int, default=3)
+    p.add_argument("--skip-overhead", action="store_true", help="skip part 1 (transport overhead)")
+    p.add_argument("--skip-decode", action="store_true", help="skip part 2 (decode steps)")
     p.add_argument("--no-append", action="store_true", help="print only; do not append to RESULTS.md")
     args = p.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
@@ -121,7 +152,8 @@ def main(argv: list[str] | None = None) -> dict:
     tmp = tempfile.mkdtemp(prefix="ep_cpu_")
     cfg = generate(tmp, args.preset, seed=0, with_mtp=False)
     thin = tempfile.mkdtemp(prefix="ep_cpu_thin_")
-    generate(thin, args.preset, seed=0, with_mtp=False, moe_intermediate_size=8)
+    if not args.skip_overhead:
+        generate(thin, args.preset, seed=0, with_mtp=False, moe_intermediate_size=8)
     ray.init(address="local", num_cpus=max(4, args.shards + 2), include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(
                  p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)}})
@@ -131,18 +163,21 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {"preset": args.preset, "num_shards": args.shards, "hidden": cfg.hidden_size,
                     "num_layers": cfg.num_layers, "experts": cfg.n_routed_experts, "top_k": cfg.num_experts_per_tok,
                     "threads": {"router": 1, "each_shard": 1, "single_process": cores}, "load_avg_1m_at_start": round(os.getloadavg()[0], 2),
-                    "overhead_per_layer": {}, "decode_step_ms": {}}
+                    "overhead_per_layer": {}, "decode_step_ms": {}, "prefill": {}}
     try:
         torch.set_num_threads(1)
-        runner = launch(thin, num_expert_shards=args.shards, transport="collective")
-        try:
-            for b in batches:
-                result["overhead_per_layer"][f"batch_{b}"] = overhead(runner, b, args.layers, args.iters)
-        finally:
-            runner.shutdown()
+        if not args.skip_overhead:
+            runner = launch(thin, num_expert_shards=args.shards, transport="collective")
+            try:
+                for b in batches:
+                    result["overhead_per_layer"][f"batch_{b}"] = overhead(runner, b, args.layers, args.iters)
+            finally:
+                runner.shutdown()
         runner = launch(tmp, num_expert_shards=args.shards, transport="collective")
         try:
-            for b in batches:
+            if args.prefill_tokens:
+                result["prefill"] = prefill_overlap(runner, args.prefill_tokens, args.prefill_repeats, cfg.vocab_size)
+            for b in ([] if args.skip_decode else batches):
                 row = {}
                 for name, transport, mb in (("collective_m1", "collective", 1), ("collective_m2", "collective", 2),
                                             ("ray_m1", "ray", 1)):
@@ -154,17 +189,19 @@ def main(argv: list[str] | None = None) -> dict:
             runner.shutdown()
         torch.set_num_threads(cores)
         model = DeepseekV4.from_pretrained(tmp, load_mtp=False)
-        for b in batches:
+        for b in ([] if args.skip_decode else batches):
             result["decode_step_ms"][f"batch_{b}"]["single_process"] = decode_ms(
                 model.new_state, lambda s, t: model.step(s, t, all_logits=False), b, args.decode_steps,
                 cfg.vocab_size)
     finally:
         ray.shutdown()
-    checks = {}
-    for b in batches:
+    checks: dict = {}
+    for b in ([] if args.skip_overhead else batches):
         o = result["overhead_per_layer"][f"batch_{b}"]
         checks[f"batch_{b}"] = {"collective_le_1ms": o["collective"]["overhead_us"] <= 1000,
                                 "ray_over_collective": round(o["ray"]["overhead_us"] / max(o["collective"]["overhead_us"], 1e-3), 1)}
+    if result["prefill"]:
+        checks["prefill_overlap_ge_1.2x"] = result["prefill"]["overlap_speedup"] >= 1.2
     result["targets"] = checks
     result["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)
     if args.no_append:

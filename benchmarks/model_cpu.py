@@ -116,6 +116,8 @@ def main() -> None:
     p.add_argument("--preset", default="small")
     p.add_argument("--prefill", type=int, default=2048)
     p.add_argument("--decode-steps", type=int, default=16)
+    p.add_argument("--compiled-decode", action="store_true",
+                   help="also time decode with compiled regions (model_shards.regions; compiles first, ~40 s)")
     p.add_argument("--no-append", action="store_true")
     args = p.parse_args()
     torch.manual_seed(0)
@@ -135,6 +137,13 @@ def main() -> None:
                                            "ratio": round(o_pre / r_pre, 2)}
             result[f"decode_b{batch}_tok_s"] = {"ours": round(o_dec, 1), "transformers": round(r_dec, 1),
                                                 "ratio": round(o_dec / r_dec, 2)}
+            if args.compiled_decode:   # the same, decode layers as compiled regions (model_shards.regions)
+                from model_shards.regions import DecodeRegions
+                ours.dense.regions = DecodeRegions()
+                c_dec = bench_ours(ours, 256, batch, args.decode_steps, cfg.vocab_size)[1]
+                ours.dense.regions = DecodeRegions(is_enabled=False)
+                result[f"decode_b{batch}_tok_s"].update(ours_compiled_decode=round(c_dec, 1),
+                                                        ratio_compiled_decode=round(c_dec / r_dec, 2))
             floor = decode_floor(ours, batch, step_ms=batch / o_dec * 1e3)
             floor.update(transformers_step_ms=round(batch / r_dec * 1e3, 2),
                          best_possible_ratio=round((batch / r_dec * 1e3) / floor["floor_ms"], 2))

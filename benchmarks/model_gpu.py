@@ -32,15 +32,20 @@ def sync():
 
 
 @torch.no_grad()
-def graph_decode(model, prompt: torch.Tensor, batch: int, floor_ms: float, is_compiled: bool = False) -> dict:
+def graph_decode(model, prompt: torch.Tensor, batch: int, floor_ms: float, is_compiled: bool = False,
+                 is_regions: bool = False) -> dict:
     """Decode steps replayed from CUDA graphs (model_shards.cuda_graph): step time (host
     preparation included: the step's index build and copy, the replay, the counters' update),
     capture time, and a check that a replay gives bitwise the same logits as the same fixed-shape
     step run without the graph (from identical states, deterministic kernels). `is_compiled`:
     torch.compile the step before capturing it; Inductor's fused kernels round differently, so
-    the check reports the largest relative difference instead of bitwise equality."""
+    the check reports the largest relative difference instead of bitwise equality. `is_regions`:
+    the step's layers run as compiled decode regions (model_shards.regions), in the graph and in
+    the uncaptured reference alike."""
     from model_shards.cuda_graph import DecodeGraphs
+    from model_shards.regions import DecodeRegions
 
+    model.dense.regions = DecodeRegions(is_enabled=is_regions)
     graphs = DecodeGraphs(model, max_batch=batch, is_compiled=is_compiled)
     graphs.reserve(2 * batch + 2, 512)
     uncaptured = DecodeGraphs(model, max_batch=batch, is_captured=False)
@@ -76,9 +81,35 @@ def graph_decode(model, prompt: torch.Tensor, batch: int, floor_ms: float, is_co
         graphs.step(twins[0], toks)
     sync()
     step_ms = (time.perf_counter() - t0) / 20 * 1e3
+    model.dense.regions = DecodeRegions(is_enabled=False)
     return {"step_ms": round(step_ms, 3), "x_floor": round(step_ms / floor_ms, 2),
             "first_step_with_capture_s": round(capture_s, 2), "num_captures": graphs.num_captures,
             "replay_equals_uncaptured_step_bitwise": bool(is_equal), "max_rel_diff_vs_uncaptured": round(worst, 5)}
+
+
+@torch.no_grad()
+def eager_regions(model, prompt: torch.Tensor, batch: int, floor_ms: float) -> dict:
+    """Decode steps with compiled decode regions but no graphs: step time (first step: compile)."""
+    from model_shards.regions import DecodeRegions
+
+    model.dense.regions = DecodeRegions()
+    states = [model.new_state() for _ in range(batch)]
+    model.step(states, [prompt[:256] for _ in range(batch)], all_logits=False)
+    toks = [prompt[:1] for _ in range(batch)]
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(3):
+        model.step(states, toks, all_logits=False)
+    sync()
+    warm_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(10):
+        model.step(states, toks, all_logits=False)
+    sync()
+    step_ms = (time.perf_counter() - t0) / 10 * 1e3
+    model.dense.regions = DecodeRegions(is_enabled=False)
+    return {"step_ms": round(step_ms, 2), "x_floor": round(step_ms / floor_ms, 2),
+            "first_3_steps_with_compile_s": round(warm_s, 1)}
 
 
 @torch.no_grad()
@@ -93,12 +124,15 @@ def main() -> None:
     p.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph decode measurement")
     p.add_argument("--compiled-batches", default="",
                    help="also measure these batch sizes with the step torch.compile'd before capture (~90 s each)")
+    p.add_argument("--regions-batches", default="",
+                   help="also measure these batch sizes with compiled decode regions (graphs and eager)")
     p.add_argument("--no-append", action="store_true")
     p.add_argument("--out", default=None, help="also write the JSON here (default: $OUT/model_gpu.json if $OUT)")
     args = p.parse_args()
     out_path = args.out or (os.path.join(os.environ["OUT"], "model_gpu.json") if os.environ.get("OUT") else None)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     compiled_batches = {int(b) for b in args.compiled_batches.split(",") if b}
+    regions_batches = {int(b) for b in args.regions_batches.split(",") if b}
     result: dict = {"preset": args.preset, "device": device, "machine": machine()}
     with tempfile.TemporaryDirectory() as tmp:
         if args.checkpoint:
@@ -159,6 +193,16 @@ def main() -> None:
             if not args.no_graphs and device == "cuda":
                 result[f"decode_b{batch}_graphs"] = graph_decode(model, prompt, batch, floor["floor_ms"])
                 print(f"decode batch {batch} with CUDA graphs: {result[f'decode_b{batch}_graphs']}", flush=True)
+            if batch in regions_batches:
+                if device != "cuda":   # on GPUs regions are for graphs (eagerly, each new shape compiles)
+                    result[f"decode_b{batch}_regions_eager"] = eager_regions(model, prompt, batch, floor["floor_ms"])
+                    print(f"decode batch {batch}, regions without graphs: {result[f'decode_b{batch}_regions_eager']}",
+                          flush=True)
+                else:
+                    result[f"decode_b{batch}_regions_graphs"] = graph_decode(model, prompt, batch, floor["floor_ms"],
+                                                                             is_regions=True)
+                    print(f"decode batch {batch}, regions + graphs: {result[f'decode_b{batch}_regions_graphs']}",
+                          flush=True)
             if batch in compiled_batches and device == "cuda":
                 result[f"decode_b{batch}_compiled_graphs"] = graph_decode(model, prompt, batch, floor["floor_ms"], True)
                 print(f"decode batch {batch}, compiled + graphs: {result[f'decode_b{batch}_compiled_graphs']}",

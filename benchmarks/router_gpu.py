@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import decode_floor, emit, machine  # noqa: E402
 
 
-def make_router(path: str, micro_batches: int, graphs: bool, is_captured: bool = True):
+def make_router(path: str, micro_batches: int, graphs: bool, is_captured: bool = True, is_regions: bool = False):
     from actors.router import Router
     from actors.transport.local import LocalTransport
     from model_shards import ModelConfig
@@ -41,6 +41,9 @@ def make_router(path: str, micro_batches: int, graphs: bool, is_captured: bool =
     router = Router(dense, LocalTransport([bank], [0] * cfg.n_routed_experts), micro_batches)
     if graphs:
         router.graphs = SegmentGraphs(dense, is_captured=is_captured)
+    if is_regions:   # compiled decode regions inside the segments (model_shards.regions)
+        from model_shards.regions import DecodeRegions
+        dense.regions = DecodeRegions()
     return router
 
 
@@ -94,6 +97,8 @@ def main() -> None:
     p.add_argument("--preset", default="medium")
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--batches", default="1,64,256")
+    p.add_argument("--regions", action="store_true", help="graph segments built from compiled decode regions")
+    p.add_argument("--micro-batches", default="1,2")
     p.add_argument("--no-append", action="store_true")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -103,12 +108,13 @@ def main() -> None:
     if not os.path.exists(os.path.join(path, "config.json")):
         generate(path, args.preset, "hf", "none", seed=0, dtype=torch.bfloat16, with_mtp=False)
     prompt = torch.randint(0, 1000, (1024,), generator=torch.Generator().manual_seed(0))
-    result: dict = {"preset": args.preset, "machine": machine(), "decode": {}}
+    result: dict = {"preset": args.preset, "machine": machine(), "regions": args.regions, "decode": {}}
     model = DeepseekV4.from_pretrained(path, dtype=torch.bfloat16, device="cuda", load_mtp=False)
     floors = {b: decode_floor(model, b)["floor_ms"] for b in (int(x) for x in args.batches.split(","))}
     del model
-    for micro_batches in (1, 2):
-        eager, graphs = make_router(path, micro_batches, False), make_router(path, micro_batches, True)
+    for micro_batches in (int(m) for m in args.micro_batches.split(",")):
+        eager = make_router(path, micro_batches, False)
+        graphs = make_router(path, micro_batches, True, is_regions=args.regions)
         for batch, floor in floors.items():
             row = {"eager": decode(eager, batch, prompt), "graphs": decode(graphs, batch, prompt), "floor_ms": floor}
             row["graphs"]["x_floor"] = round(row["graphs"]["step_ms"] / floor, 2)

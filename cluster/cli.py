@@ -41,6 +41,7 @@ def _serve_config(args):
         "micro_batches": args.micro_batches, "max_num_seqs": args.max_num_seqs,
         "kv_device_bytes": args.kv_device_bytes, "kv_enabled": not args.no_kv_cache,
         "device": args.device, "dtype": args.dtype, "cuda_graphs": not args.no_cuda_graphs,
+        "compiled_decode": args.compiled_decode,
     }
     if args.model:
         options["model"] = os.path.abspath(args.model)
@@ -293,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="weights' dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     s.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly on GPUs too")
+    s.add_argument("--compiled-decode", default="auto", choices=["auto", "on", "off"],
+                   help="decode layers as compiled fused regions (auto: on with CUDA graphs; on CPUs "
+                        "~20%% faster decode for ~40 s of compiling at start-up)")
     s.add_argument("--replicas", type=int, default=1, help="engine replicas")
     s.add_argument("--max-num-seqs", type=int, default=64)
     s.add_argument("--redis-url", help="host-RAM KV tier (default: a private redis-server if one is found)")

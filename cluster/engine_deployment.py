@@ -77,13 +77,16 @@ def report_prefills(engine: Engine, replica_index: int) -> None:
 
 def make_runner(config: ServeConfig, checkpoint_dir: str, progress=None):
     device, dtype = config.resolve_device()
+    compiled_decode = config.is_compiled_decode(device)
     if config.num_expert_shards == 0:
         return LocalRunner.from_pretrained(checkpoint_dir, dtype=dtype, device=device, progress=progress,
-                                           cuda_graphs=config.cuda_graphs, max_num_seqs=config.max_num_seqs)
+                                           cuda_graphs=config.cuda_graphs, max_num_seqs=config.max_num_seqs,
+                                           compiled_decode=compiled_decode)
     from actors.launch import launch  # lazy: starts Ray actors (the expert shards)
     return launch(checkpoint_dir, num_expert_shards=config.num_expert_shards,
                   micro_batches=config.micro_batches, transport=config.transport, dtype=dtype, device=device,
-                  cuda_graphs=config.cuda_graphs, max_graph_batch=config.max_num_seqs)
+                  cuda_graphs=config.cuda_graphs, max_graph_batch=config.max_num_seqs,
+                  compiled_decode=compiled_decode)
 
 
 def make_prefix_cache(config: ServeConfig, runner, replica_index: int):

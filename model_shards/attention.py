@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 from .batch import DecodeMeta, StepBatch
-from .compressor import Compressor, Indexer, RMSNormWeight
+from .compressor import Compressor, Indexer, RMSNormWeight, index_scores
 from .config import CSA, HCA, SLIDING, ModelConfig
 from .fused import FusedLinear
 from .ops import rms_norm, rope_, stable_topk
@@ -130,12 +130,7 @@ class Attention(nn.Module):
         return meta.compressor(self.layer_id, name, rate)
 
     def _project_out(self, o: torch.Tensor) -> torch.Tensor:
-        """o [T, H, D] -> [T, hidden] through the grouped low-rank projection."""
-        G, T = self.cfg.o_groups, o.shape[0]
-        grouped = o.reshape(T, G, -1).transpose(0, 1)                            # [G, T, H*D/G]
-        w = self.wo_a.weight.view(G, self.cfg.o_lora_rank, -1)                   # [G, r, H*D/G]
-        mid = torch.bmm(grouped, w.transpose(1, 2)).transpose(0, 1).reshape(T, -1)  # [T, G*r]
-        return self.wo_b(mid)
+        return project_out(o, self.wo_a.weight, self.wo_b.weight, self.cfg.o_groups)
 
     def _push_compressors(self, st: LayerState, rows, comp_kv, comp_gate, idx_kv, idx_gate, inv_freq) -> None:
         if self.compressor is not None:
@@ -223,7 +218,7 @@ class Attention(nn.Module):
         holding one of the last W tokens is a key (a decode query sees its whole window), then the
         attended entries follow. Pooled states (`meta`): one indexed write and one gather, and
         `states` is not read (shapes and branches come from `meta` alone)."""
-        B, W = q.shape[0], self.window
+        W = self.window
         if meta is not None:   # buffer writes only; the counters advance after the step
             ring = meta.pool.rings[self.layer_id]                                # [slots, W, D]
             ring[meta.slot_ids, meta.ring_rows] = kv
@@ -244,12 +239,7 @@ class Attention(nn.Module):
 
             keys = torch.cat([keys, entries], dim=1)
             key_ok = torch.cat([key_ok, entry_ok], dim=1)
-        scale = self.head_dim ** -0.5
-        logits = torch.bmm(q * scale, keys.transpose(1, 2))                      # [B, H, L]
-        logits = logits.masked_fill(~key_ok.unsqueeze(1), float("-inf"))
-        sink = self.attn_sink.to(logits.dtype).view(1, -1, 1).expand(B, -1, 1)   # [B, H, 1]
-        probs = torch.cat([logits, sink], dim=-1).softmax(dim=-1)[..., :-1]      # the sink takes mass only
-        return torch.bmm(probs, keys)                                            # [B, H, D]
+        return attend_keys(q, keys, key_ok, self.attn_sink)
 
     def _decode_entries(self, states, idx_q, idx_w):
         """Each sequence's attended entries, right-padded: ([B, K, D], valid [B, K])."""
@@ -272,11 +262,37 @@ class Attention(nn.Module):
         return self._select_entries(entries, meta.entry_ok[rate], keys, idx_q, idx_w)
 
     def _select_entries(self, entries, valid, keys, idx_q, idx_w):
-        """CSA with more than top-k entries (`keys` given): keep the indexer's top-k per sequence."""
-        if keys is None:
-            return entries, valid
-        scores = self.indexer.scores(idx_q.unsqueeze(1), idx_w.unsqueeze(1), keys).squeeze(1)  # [B, N]
-        scores = scores.masked_fill(~valid, float("-inf"))
-        top = stable_topk(scores, self.cfg.index_topk)                            # [B, k]
-        picked = torch.gather(entries, 1, top.unsqueeze(-1).expand(-1, -1, self.head_dim))
-        return picked, torch.gather(valid, 1, top)
+        return select_entries(entries, valid, keys, idx_q, idx_w, self.cfg.index_topk)
+
+
+def select_entries(entries, valid, keys, idx_q, idx_w, topk: int):
+    """Decode rows' attended entries [B, N, D] with `valid` [B, N]; for CSA with more than top-k
+    entries (`keys` [B, N, d_I] given) only the indexer's top-k per row: ([B, k, D], [B, k])."""
+    if keys is None:
+        return entries, valid
+    scores = index_scores(idx_q.unsqueeze(1), idx_w.unsqueeze(1), keys).squeeze(1)   # [B, N]
+    scores = scores.masked_fill(~valid, float("-inf"))
+    top = stable_topk(scores, topk)                                                   # [B, k]
+    picked = torch.gather(entries, 1, top.unsqueeze(-1).expand(-1, -1, entries.shape[-1]))
+    return picked, torch.gather(valid, 1, top)
+
+
+def attend_keys(q: torch.Tensor, keys: torch.Tensor, key_ok: torch.Tensor, attn_sink: torch.Tensor) -> torch.Tensor:
+    """One query per row over its own keys (K = V): q [B, H, D], keys [B, L, D], key_ok [B, L]
+    -> [B, H, D]; the per-head sink logit takes softmax mass but adds no value."""
+    B = q.shape[0]
+    logits = torch.bmm(q * q.shape[-1] ** -0.5, keys.transpose(1, 2))            # [B, H, L]
+    logits = logits.masked_fill(~key_ok.unsqueeze(1), float("-inf"))
+    sink = attn_sink.to(logits.dtype).view(1, -1, 1).expand(B, -1, 1)           # [B, H, 1]
+    probs = torch.cat([logits, sink], dim=-1).softmax(dim=-1)[..., :-1]
+    return torch.bmm(probs, keys)
+
+
+def project_out(o: torch.Tensor, wo_a: torch.Tensor, wo_b: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """o [T, H, D] -> [T, hidden] through the grouped low-rank projection: group g maps its
+    H*D/G inputs with wo_a's rows [g*r, (g+1)*r), then wo_b mixes the G*r."""
+    T = o.shape[0]
+    grouped = o.reshape(T, num_groups, -1).transpose(0, 1)                       # [G, T, H*D/G]
+    w = wo_a.view(num_groups, wo_a.shape[0] // num_groups, -1)                   # [G, r, H*D/G]
+    mid = torch.bmm(grouped, w.transpose(1, 2)).transpose(0, 1).reshape(T, -1)   # [T, G*r]
+    return torch.nn.functional.linear(mid, wo_b)

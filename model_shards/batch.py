@@ -3,7 +3,9 @@
 Owns nothing persistent: built once per forward step from the sequences' states and their new
 tokens. Tokens of all sequences are laid out flat ([T]); segment k covers rows
 [starts[k], starts[k] + lengths[k]) and belongs to `states[k]`, starting at position
-`states[k].num_tokens`. Segments of length 1 (decodes) take the batched attention path.
+`states[k].num_tokens` (+ an offset when the segment is a later part of a sequence's new tokens
+cut over micro-batches, see `plan_micro_batches`). Segments of length 1 (decodes) take the
+batched attention path.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ from typing import Any
 
 import torch
 
+from .micro_batches import MIN_PART_TOKENS, SegmentPart, plan_micro_batches, split_whole
 from .state import SequenceState
-
 
 @dataclass
 class StepBatch:
@@ -33,21 +35,32 @@ class StepBatch:
 
     @classmethod
     def build(cls, states: list[SequenceState], token_ids: list[torch.Tensor],
-              device: torch.device | str = "cpu", vocab_size: int | None = None) -> "StepBatch":
-        """`vocab_size`: also check every id is in [0, vocab_size), before the ids move to `device`."""
+              device: torch.device | str = "cpu", vocab_size: int | None = None,
+              offsets: list[int] | None = None) -> "StepBatch":
+        """`vocab_size`: also check every id is in [0, vocab_size), before the ids move to `device`.
+        `offsets[k]`: segment k's tokens start at position states[k].num_tokens + offsets[k] (a
+        later part of a prefill cut over micro-batches; its earlier parts ran this layer first).
+        Only segments of >= 2 tokens may have an offset: a decode row's position comes from its
+        state's counter."""
         if len(states) != len(token_ids):
             raise ValueError(f"{len(states)} states but {len(token_ids)} token lists")
+        offsets = offsets or [0] * len(states)
+        if len(offsets) != len(states) or any(o < 0 for o in offsets):
+            raise ValueError(f"offsets {offsets} do not fit {len(states)} sequences")
         if len({id(s) for s in states}) != len(states):
             raise ValueError("a sequence state appears twice in one step")
         starts, lengths, positions = [], [], []
         offset = 0
-        for state, ids in zip(states, token_ids):
+        for state, ids, off in zip(states, token_ids, offsets):
             n = int(ids.numel())
             if n == 0:
                 raise ValueError("every sequence in a step needs at least one new token")
+            if off and n == 1:
+                raise ValueError("a one-token segment (decode row) cannot start at an offset")
             starts.append(offset)
             lengths.append(n)
-            positions.append(torch.arange(state.num_tokens, state.num_tokens + n))
+            p0 = state.num_tokens + off
+            positions.append(torch.arange(p0, p0 + n))
             offset += n
         flat = torch.cat([ids.reshape(-1).to(torch.int64) for ids in token_ids])
         if vocab_size is not None and (int(flat.max()) >= vocab_size or int(flat.min()) < 0):
@@ -77,14 +90,11 @@ class StepBatch:
 
     def split(self, num_parts: int) -> list[list[int]]:
         """Partition segment indices into <= num_parts groups of similar token counts (micro-batches)."""
-        order = sorted(range(len(self.lengths)), key=lambda k: -self.lengths[k])
-        groups: list[list[int]] = [[] for _ in range(max(1, min(num_parts, len(order))))]
-        loads = [0] * len(groups)
-        for k in order:  # greedy longest-first keeps token counts balanced
-            g = loads.index(min(loads))
-            groups[g].append(k)
-            loads[g] += self.lengths[k]
-        return [sorted(g) for g in groups if g]
+        return split_whole(self.lengths, num_parts)
+
+    def plan(self, num_parts: int, min_part: int = MIN_PART_TOKENS) -> list[list["SegmentPart"]]:
+        """Micro-batches of segment parts (prefills may be cut): see `plan_micro_batches`."""
+        return plan_micro_batches(self.lengths, num_parts, min_part)
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .ops import rms_norm, rope_, rope_cis
+from .ops import rms_norm, rope_, rope_real, rope_table
 from .state import CompressorState
 
 if TYPE_CHECKING:
@@ -110,31 +110,51 @@ class Compressor(nn.Module):
         p.tail_gate[p.slot_ids, p.tail_rows] = gate
         if p.completes is not None and not p.completes:
             return
-        slot_ids = p.complete_slot_ids
-        win_kv, win_gate = p.tail_kv[slot_ids], p.tail_gate[slot_ids] + self.ape       # [F, rate, in_dim]
-        prev_kv = prev_gate = None
-        if self.is_overlapping:
-            d = self.dim
-            prev_kv, prev_gate = p.overlap_kv[slot_ids], p.overlap_gate[slot_ids]      # [F, rate, d]
-            new_kv, new_gate = win_kv[:, :, :d], win_gate[:, :, :d]
-            if p.completes is None:
-                done = p.complete_mask.view(-1, 1, 1)
-                new_kv, new_gate = torch.where(done, new_kv, prev_kv), torch.where(done, new_gate, prev_gate)
-            p.overlap_kv[slot_ids] = new_kv
-            p.overlap_gate[slot_ids] = new_gate
-        p.entry_pages_store[p.entry_page_ids, p.entry_rows] = self._pool(win_kv, win_gate, prev_kv, prev_gate,
-                                                                         p.entry_positions, inv_freq)
+        pool_pushed(kv, gate, p.tail_kv, p.tail_gate, p.overlap_kv, p.overlap_gate, p.entry_pages_store,
+                    p.slot_ids, p.tail_rows, p.complete_slot_ids, p.entry_positions, p.entry_page_ids,
+                    p.entry_rows, p.complete_mask, self.ape, self.norm.weight, inv_freq, self.dim, self.norm.eps,
+                    is_written=True)
 
     def _pool(self, win_kv, win_gate, prev_kv, prev_gate, positions, inv_freq) -> torch.Tensor:
-        """Windows [N, rate, in_dim] (gates with the position bias), for CSA with the previous
-        windows' Ca halves [N, rate, dim] -> entries [N, dim] with the compress rope at `positions`."""
-        if self.is_overlapping:  # 2*rate slots: Ca of the previous window, then Cb of this one
-            d = self.dim
-            win_kv = torch.cat([prev_kv, win_kv[..., d:]], dim=1)                   # [N, 2m, d]
-            win_gate = torch.cat([prev_gate, win_gate[..., d:]], dim=1)
-        weights = win_gate.softmax(dim=1, dtype=torch.float32).to(win_kv.dtype)
-        pooled = self.norm((win_kv * weights).sum(dim=1))                          # [N, d]
-        return rope_(pooled, rope_cis(inv_freq, positions))
+        return pool_windows(win_kv, win_gate, prev_kv, prev_gate, positions, inv_freq, self.norm.weight,
+                            self.dim, self.norm.eps)
+
+
+def pool_windows(win_kv, win_gate, prev_kv, prev_gate, positions, inv_freq, norm_w, dim: int,
+                 eps: float) -> torch.Tensor:
+    """Windows [N, rate, in_dim] (gates with the position bias), for CSA (`prev_kv` given) with the
+    previous windows' Ca halves [N, rate, dim] -> entries [N, dim] with the compress rope at `positions`."""
+    if prev_kv is not None:  # 2*rate slots: Ca of the previous window, then Cb of this one
+        win_kv = torch.cat([prev_kv, win_kv[..., dim:]], dim=1)                     # [N, 2m, d]
+        win_gate = torch.cat([prev_gate, win_gate[..., dim:]], dim=1)
+    weights = win_gate.softmax(dim=1, dtype=torch.float32).to(win_kv.dtype)
+    pooled = rms_norm((win_kv * weights).sum(dim=1), norm_w, eps)                    # [N, d]
+    return rope_real(pooled, rope_table(inv_freq, positions))
+
+
+def pool_pushed(kv, gate, tail_kv, tail_gate, overlap_kv, overlap_gate, pages, slot_ids, tail_rows,
+                complete_slot_ids, entry_positions, entry_page_ids, entry_rows, complete_mask, ape, norm_w,
+                inv_freq, dim: int, eps: float, is_written: bool = False) -> None:
+    """A pooled decode step of one compressor, buffer writes only (`Compressor._push_decode_pooled`;
+    also a compiled decode region). Rows b write kv / gate [B, in_dim] into tail row tail_rows[b] of
+    slot slot_ids[b] (skipped when `is_written`); the completing slots [F] pool their windows (with
+    `complete_mask` [F], the fixed shape: every row pools, only the masked ones keep their overlap
+    and the rest write the scratch page) into (entry_page_ids, entry_rows) of `pages`."""
+    if not is_written:
+        tail_kv[slot_ids, tail_rows] = kv
+        tail_gate[slot_ids, tail_rows] = gate
+    win_kv, win_gate = tail_kv[complete_slot_ids], tail_gate[complete_slot_ids] + ape   # [F, rate, in_dim]
+    prev_kv = prev_gate = None
+    if overlap_kv is not None:
+        prev_kv, prev_gate = overlap_kv[complete_slot_ids], overlap_gate[complete_slot_ids]   # [F, rate, d]
+        new_kv, new_gate = win_kv[:, :, :dim], win_gate[:, :, :dim]
+        if complete_mask is not None:
+            done = complete_mask.view(-1, 1, 1)
+            new_kv, new_gate = torch.where(done, new_kv, prev_kv), torch.where(done, new_gate, prev_gate)
+        overlap_kv[complete_slot_ids] = new_kv
+        overlap_gate[complete_slot_ids] = new_gate
+    pages[entry_page_ids, entry_rows] = pool_windows(win_kv, win_gate, prev_kv, prev_gate, entry_positions,
+                                                     inv_freq, norm_w, dim, eps)
 
 
 class Indexer(nn.Module):
@@ -158,6 +178,11 @@ class Indexer(nn.Module):
         return q, weight_logits.float() * self.num_heads ** -0.5
 
     def scores(self, q: torch.Tensor, head_weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """q [..., S, n_I, d_I], head_weights [..., S, n_I], keys [..., N, d_I] -> [..., S, N] float32."""
-        dots = torch.einsum("...shd,...nd->...shn", q.float(), keys.float())
-        return (dots.relu() * self.head_dim ** -0.5 * head_weights.unsqueeze(-1)).sum(dim=-2)
+        return index_scores(q, head_weights, keys)
+
+
+def index_scores(q: torch.Tensor, head_weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """The indexer's scores: q [..., S, n_I, d_I], head_weights [..., S, n_I], keys [..., N, d_I]
+    -> [..., S, N] float32."""
+    dots = torch.einsum("...shd,...nd->...shn", q.float(), keys.float())
+    return (dots.relu() * q.shape[-1] ** -0.5 * head_weights.unsqueeze(-1)).sum(dim=-2)

@@ -155,6 +155,26 @@ class DecodeGraphs:
             s.num_tokens += 1
         return list(g.logits[: len(states)])
 
+    def warm_up(self, num_entries: int) -> None:
+        """Capture the keys of 1 and 2 rows with no compressed entries and with room for
+        `num_entries` per rate (e.g. the indexer's top-k + 1), so that whatever those shapes
+        compile (model_shards.regions: each kind of step once; sizes then stay symbolic) is
+        compiled now, not in the middle of serving."""
+        if self.model.dense.state_pool is None:
+            self.model.dense.new_state()              # makes the pool
+        pool = self.model.dense.state_pool
+        pool.pad_slot_id, [pool.scratch_page_id(r) for r in pool.rates]   # reserved before any capture
+        if pool.generation != self._generation:
+            self._graphs.clear()
+            self._mempool = None
+            self._generation = pool.generation
+        wide = {r: _page_bucket(-(-(num_entries) // pool.page_size)) for r in pool.rates}
+        for rows in sorted({next(b for b in self.buckets if b >= n) for n in (1, 2)}):
+            for pages in ({r: 0 for r in pool.rates}, wide):
+                key = (rows, tuple(sorted(pages.items())))
+                if key not in self._graphs:
+                    self._graphs[key] = self._capture(rows, pages)
+
     # ---- capture ----------------------------------------------------------------------------
     def _forward(self, indices: torch.Tensor, token_ids: torch.Tensor, plan: DecodePlan) -> torch.Tensor:
         """The fixed-shape step from its static inputs: device work only."""

@@ -31,34 +31,11 @@ from .compressor import RMSNormWeight
 from .config import ModelConfig
 from .fused import Sinkhorn
 from .moe import Gate, SharedExpert
-from .ops import rms_norm, rope_cis, rope_inv_freq, sinkhorn
+from .mhc import hc_args, hc_merge, hc_weights
+from .ops import rms_norm, rope_cis, rope_inv_freq
+from .regions import DecodeRegions
 from .state import SequenceState
 from .state_pool import StatePool
-
-
-def hc_weights(h: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
-               cfg: ModelConfig, sinkhorn_fn=sinkhorn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """h [T, hc, hidden] -> collapsed block input [T, hidden], post [T, hc], comb [T, hc, hc] (float32)."""
-    hc = cfg.hc_mult
-    flat = rms_norm(h.flatten(1).float(), None, cfg.rms_norm_eps)
-    # mixes * scale + base, with scale[0] on the pre columns, scale[1] on post, scale[2] on comb
-    s = scale.float()                                  # (int repeats: no host round trip on a GPU)
-    scale_cols = torch.cat([s[:2].repeat_interleave(hc), s[2:].expand(hc * hc)])
-    mixes = torch.addcmul(base.float(), flat @ fn.float().T, scale_cols)         # [T, (2+hc)*hc]
-    gates = torch.sigmoid(mixes[:, : 2 * hc])
-    pre = gates[:, :hc] + cfg.hc_eps
-    post = 2 * gates[:, hc:]
-    comb = torch.softmax(mixes[:, 2 * hc:].unflatten(-1, (hc, hc)), dim=-1) + cfg.hc_eps
-    comb = sinkhorn_fn(comb, cfg.hc_sinkhorn_iters, cfg.hc_eps)
-    collapsed = torch.bmm(pre.unsqueeze(1), h.float()).squeeze(1).to(h.dtype)  # Σ_k pre_k h_k
-    return collapsed, post, comb
-
-
-def hc_merge(out: torch.Tensor, h: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
-    """h'_k = post_k * out + Σ_j comb[j, k] h_j   ([T, hidden], [T, hc, hidden] -> [T, hc, hidden])."""
-    dtype = h.dtype
-    spread = post.to(dtype).unsqueeze(-1) * out.unsqueeze(-2)                  # [T, hc, hidden]
-    return torch.baddbmm(spread, comb.to(dtype).transpose(-1, -2), h)
 
 
 class Block(nn.Module):
@@ -91,6 +68,7 @@ class MoEWork:
     h: torch.Tensor           # [T, hc, hidden] residual streams before the MoE
     post: torch.Tensor        # [T, hc]
     comb: torch.Tensor        # [T, hc, hc]
+    is_region: bool = False   # made by DecodeRegions: its shared expert and combine run there too
 
 
 class DenseModel(nn.Module):
@@ -107,6 +85,7 @@ class DenseModel(nn.Module):
         self.hc_head_scale = nn.Parameter(torch.ones(1))
         self.state_pool: StatePool | None = None   # made on the first new_state(), on the weights' device
         self.sinkhorn = Sinkhorn()                 # mHC's Sinkhorn (fused on GPUs)
+        self.regions = DecodeRegions(is_enabled=False)   # compiled decode regions (off until enabled)
         self.register_buffer("main_inv_freq", rope_inv_freq(cfg.main_rope, cfg.qk_rope_head_dim), persistent=False)
         self.register_buffer("compress_inv_freq", rope_inv_freq(cfg.compress_rope, cfg.qk_rope_head_dim), persistent=False)
 
@@ -125,8 +104,11 @@ class DenseModel(nn.Module):
         return self.state_pool.new_state()
 
     # ---- step API ----------------------------------------------------------------------------
-    def begin_step(self, states: list[SequenceState], token_ids: list[torch.Tensor]) -> tuple[torch.Tensor, StepBatch]:
-        batch = StepBatch.build(states, token_ids, self.device, vocab_size=self.cfg.vocab_size)
+    def begin_step(self, states: list[SequenceState], token_ids: list[torch.Tensor],
+                   offsets: list[int] | None = None) -> tuple[torch.Tensor, StepBatch]:
+        """`offsets`: segment k's tokens start `offsets[k]` past its state's counter (a later part of
+        a prefill cut across micro-batches; see StepBatch.build)."""
+        batch = StepBatch.build(states, token_ids, self.device, vocab_size=self.cfg.vocab_size, offsets=offsets)
         if batch.decode_segments:
             dec_states = [states[k] for k in batch.decode_segments]
             batch.decode = DecodeMeta.build(dec_states, self.device, self.cfg.sliding_window)
@@ -141,25 +123,35 @@ class DenseModel(nn.Module):
         return h.unsqueeze(1).expand(-1, self.cfg.hc_mult, -1).contiguous()
 
     def attention_sublayer(self, layer_id: int, h: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+        if self.regions.can_run(batch):
+            return self.regions.attention(self, layer_id, h, batch)
         block = self.layers[layer_id]
-        collapsed, post, comb = hc_weights(h, block.hc_attn_fn, block.hc_attn_base, block.hc_attn_scale, self.cfg,
-                                           self.sinkhorn)
+        collapsed, post, comb = self._hc_weights(h, block.hc_attn_fn, block.hc_attn_base, block.hc_attn_scale)
         layer_states = [s.layers[layer_id] for s in batch.states]
         out = block.attn(block.attn_norm(collapsed), batch, layer_states, self.compress_inv_freq)
         return hc_merge(out, h, post, comb)
 
+    def _hc_weights(self, h: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor):
+        return hc_weights(h, fn, base, scale, *hc_args(self.cfg), self.sinkhorn)
+
     def moe_begin(self, layer_id: int, h: torch.Tensor, batch: StepBatch) -> MoEWork:
+        if self.regions.can_run(batch):
+            x, expert_ids, weights, post, comb = self.regions.moe_begin(self, layer_id, h, batch)
+            return MoEWork(layer_id, x, expert_ids, weights, h, post, comb, is_region=True)
         block = self.layers[layer_id]
-        collapsed, post, comb = hc_weights(h, block.hc_ffn_fn, block.hc_ffn_base, block.hc_ffn_scale, self.cfg,
-                                           self.sinkhorn)
+        collapsed, post, comb = self._hc_weights(h, block.hc_ffn_fn, block.hc_ffn_base, block.hc_ffn_scale)
         x = block.ffn_norm(collapsed)
         expert_ids, weights = block.ffn.gate(x, batch.token_ids)
         return MoEWork(layer_id, x, expert_ids, weights, h, post, comb)
 
     def shared_expert(self, work: MoEWork) -> torch.Tensor:
+        if work.is_region:
+            return self.regions.shared_expert(self, work)
         return self.layers[work.layer_id].ffn.shared_experts(work.x)
 
     def moe_end(self, work: MoEWork, routed: torch.Tensor, shared: torch.Tensor | None = None) -> torch.Tensor:
+        if work.is_region:
+            return self.regions.moe_end(self, work, routed, shared)
         if shared is None:
             shared = self.shared_expert(work)
         return hc_merge(routed + shared, work.h, work.post, work.comb)

@@ -10,8 +10,11 @@ moved (`.to()`), or an in-place write (the version counter), all of which the ca
 
 The math is exactly the separate linears' (each output column is the same dot product).
 
-Sinkhorn: mHC's Sinkhorn normalisation (ops.sinkhorn) with its GPU loop compiled into one kernel.
+Sinkhorn: mHC's Sinkhorn normalisation (ops.sinkhorn) with its GPU loop compiled into a few kernels.
 Owns: the compiled function (one per model that holds it).
+
+Compiled: any pure tensor function through torch.compile, with a clean eager fallback (what
+regions.DecodeRegions builds its regions from). Owns: the compiled function.
 
 GatheredExperts: a CPU decode step's routed experts as compiled gather-multiply-reduce kernels.
 Owns: the compiled function (one per ExpertBank that holds it).
@@ -25,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import sinkhorn, sinkhorn_torch
+from .ops import sinkhorn, sinkhorn_rows
 
 
 class FusedLinear:
@@ -56,7 +59,8 @@ class FusedLinear:
 
 class Sinkhorn:
     """`sinkhorn` with the GPU loop fused: on CUDA the ~3 * 2 * num_iters tiny kernels (the largest
-    share of a decode step's launches) become one, through torch.compile, built on first use. If
+    share of a decode step's launches) become a few, through torch.compile of the one-row form
+    (ops.sinkhorn_rows), built on first use. If
     compiling fails (no Triton, no compiler) it says so once and stays eager. CPU: the numpy path
     of ops.sinkhorn. Owned by the model that calls it (DenseModel), so the compiled function has an owner."""
 
@@ -68,13 +72,66 @@ class Sinkhorn:
         if comb.device.type != "cuda" or not self.is_compiled_on_gpu:
             return sinkhorn(comb, num_iters, eps)
         if self._compiled is None:
-            self._compiled = torch.compile(sinkhorn_torch, dynamic=True, fullgraph=True)
+            self._compiled = torch.compile(sinkhorn_rows, dynamic=True, fullgraph=True)
         try:
             return self._compiled(comb, num_iters, eps)
         except Exception as e:  # noqa: BLE001 - any compile failure: stay correct, just slower
             warnings.warn(f"fused GPU Sinkhorn unavailable ({type(e).__name__}: {e}); running it eagerly")
             self.is_compiled_on_gpu = False
-            return sinkhorn_torch(comb, num_iters, eps)
+            return sinkhorn_rows(comb, num_iters, eps)
+
+
+def call_compiled(compiled, args: tuple, max_recompiles: int):
+    """compiled(*args) under no_grad; past dynamo's recompile limit, again with the limit raised to
+    `max_recompiles` (patching the config costs ~1 ms a call, so only once it is hit)."""
+    with torch.no_grad():
+        try:
+            return compiled(*args)
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            with torch._dynamo.config.patch(recompile_limit=max_recompiles):
+                return compiled(*args)
+
+
+class Compiled:
+    """`fn` through torch.compile (dynamic shapes, one graph), built on first call; shared by the
+    compiled decode paths (regions.DecodeRegions). If compiling fails (no C++ compiler / Triton, an
+    unsupported op) it warns once and calls `fn` eagerly from then on: slower, never wrong.
+    Runs under no_grad (inference only: one grad mode, fewer recompiles)."""
+
+    MAX_RECOMPILES = 32
+
+    def __init__(self, fn, dynamic_dims: dict[int, tuple[int, ...]] | None = None):
+        """`dynamic_dims`: {argument position: dims} of the sizes that vary between calls (rows,
+        pages, slots), compiled symbolic from the first call on. Everything else (weights, ints,
+        the hc / head / rope sizes) stays static, so tiny fixed loops unroll and no later size
+        change recompiles (a GPU recompile takes seconds, mid-serving). Without it: torch's
+        dynamic=True (every size symbolic)."""
+        self.fn = fn
+        self.dynamic_dims = dynamic_dims
+        self.is_compiled = True
+        self._compiled = None
+
+    def __call__(self, *args):
+        if not self.is_compiled:
+            return self.fn(*args)
+        if self._compiled is None:
+            self._compiled = torch.compile(self.fn, dynamic=None if self.dynamic_dims else True, fullgraph=True)
+        if self.dynamic_dims:
+            for i, dims in self.dynamic_dims.items():
+                if args[i] is not None:
+                    for d in dims:
+                        torch._dynamo.maybe_mark_dynamic(args[i], d)
+        try:
+            return call_compiled(self._compiled, args, self.MAX_RECOMPILES)
+        except Exception as e:  # noqa: BLE001 - a compile failure: stay correct, run eagerly
+            out = self.fn(*args)    # raises too if the arguments were wrong: not the compiler's fault
+            warnings.warn(f"compiled {getattr(self.fn, '__name__', 'function')} unavailable "
+                          f"({type(e).__name__}: {e}); running it eagerly")
+            self.is_compiled = False
+            return out
+
+    def __getstate__(self):
+        return {"fn": self.fn, "dynamic_dims": self.dynamic_dims, "is_compiled": self.is_compiled, "_compiled": None}   # compiled code does not copy
 
 
 def gathered_experts(x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
@@ -131,14 +188,9 @@ class GatheredExperts:
         args = (x, local_ids, weights if weights.is_contiguous() else weights.contiguous(), w13.detach(),
                 w2t.detach(), bound)
         try:
-            with torch.no_grad():
-                try:
-                    return self._compiled(*args)
-                except torch._dynamo.exc.FailOnRecompileLimitHit:
-                    # the few variants left (dtype, one row or many, thread count) add up when
-                    # several models share a process; patching the limit costs ~1 ms, so only here
-                    with torch._dynamo.config.patch(recompile_limit=self.MAX_RECOMPILES):
-                        return self._compiled(*args)
+            # the few variants left (dtype, one row or many, thread count) add up when several
+            # models share a process: past the recompile limit it is raised
+            return call_compiled(self._compiled, args, self.MAX_RECOMPILES)
         except Exception as e:  # noqa: BLE001 - any compile failure: stay correct, use the grouped GEMM
             warnings.warn(f"compiled CPU experts unavailable ({type(e).__name__}: {e}); using the grouped GEMM")
             self.is_enabled = False

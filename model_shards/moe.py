@@ -33,15 +33,28 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, hidden], token_ids [T] -> expert_ids [T, k] int64, weights [T, k] float32."""
-        scores = score_fn(torch.nn.functional.linear(x.float(), self.weight.float()), self.cfg.scoring_func)
-        if self.is_hash:
-            expert_ids = self.tid2eid[token_ids].long()
-        else:
-            # Top-k ties (equal biased scores) go to the lower expert id: see ops.stable_topk.
-            expert_ids = stable_topk(scores + self.bias.float(), self.cfg.num_experts_per_tok)
-        weights = scores.gather(1, expert_ids)
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return expert_ids, weights * self.cfg.routed_scaling_factor
+        return gate(x, token_ids, *self.tensors(), *self.consts())
+
+    def tensors(self) -> tuple:
+        """(weight, bias or None, tid2eid or None): `gate`'s tensor arguments."""
+        return self.weight, None if self.is_hash else self.bias, self.tid2eid if self.is_hash else None
+
+    def consts(self) -> tuple:
+        return self.cfg.scoring_func, self.cfg.num_experts_per_tok, self.cfg.routed_scaling_factor
+
+
+def gate(x: torch.Tensor, token_ids: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+         tid2eid: torch.Tensor | None, scoring: str, k: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gate's math: hash routing when `tid2eid` is given, else top-k of score + bias."""
+    scores = score_fn(torch.nn.functional.linear(x.float(), weight.float()), scoring)
+    if tid2eid is not None:
+        expert_ids = tid2eid[token_ids].long()
+    else:
+        # Top-k ties (equal biased scores) go to the lower expert id: see ops.stable_topk.
+        expert_ids = stable_topk(scores + bias.float(), k)
+    weights = scores.gather(1, expert_ids)
+    weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return expert_ids, weights * scaling
 
 
 class SharedExpert(nn.Module):
@@ -56,8 +69,14 @@ class SharedExpert(nn.Module):
         self._w13 = FusedLinear([self.w1, self.w3])   # gate and up in one matmul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self._w13(x)
-        return self.w2(swiglu(gate, up, self.limit))
+        return shared_expert(x, self._w13.weight(), self.w2.weight, self.limit)
+
+
+def shared_expert(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, limit: float) -> torch.Tensor:
+    """SharedExpert's math with w1 and w3 stacked: w2(swiglu(x w1^T, x w3^T))."""
+    gate_up = torch.nn.functional.linear(x, w13)                                 # [T, 2I]
+    inter = w2.shape[1]
+    return torch.nn.functional.linear(swiglu(gate_up[..., :inter], gate_up[..., inter:], limit), w2)
 
 
 class ExpertBank(nn.Module):

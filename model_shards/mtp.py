@@ -18,7 +18,8 @@ from torch import nn
 
 from .compressor import RMSNormWeight
 from .config import MOE, SLIDING, ModelConfig
-from .dense import Block, hc_merge, hc_weights
+from .dense import Block
+from .mhc import hc_args, hc_merge, hc_weights
 from .moe import ExpertBank
 from .ops import rms_norm, rope_cis, rope_inv_freq
 from .state import SequenceState
@@ -60,9 +61,9 @@ class MTPLayer(nn.Module):
         x = self.e_proj(self.enorm(embed(next_ids))) + self.h_proj(self.hnorm(hidden))
         h = x.unsqueeze(1).expand(-1, self.cfg.hc_mult, -1).contiguous()
         b = self.block
-        collapsed, post, comb = hc_weights(h, b.hc_attn_fn, b.hc_attn_base, b.hc_attn_scale, self.cfg)
+        collapsed, post, comb = hc_weights(h, b.hc_attn_fn, b.hc_attn_base, b.hc_attn_scale, *hc_args(self.cfg))
         h = hc_merge(b.attn(b.attn_norm(collapsed), batch, [state.layers[0]], self.main_inv_freq), h, post, comb)
-        collapsed, post, comb = hc_weights(h, b.hc_ffn_fn, b.hc_ffn_base, b.hc_ffn_scale, self.cfg)
+        collapsed, post, comb = hc_weights(h, b.hc_ffn_fn, b.hc_ffn_base, b.hc_ffn_scale, *hc_args(self.cfg))
         xm = b.ffn_norm(collapsed)
         ids, w = b.ffn.gate(xm, next_ids)
         h = hc_merge(self.experts(0, xm, ids, w) + b.ffn.shared_experts(xm), h, post, comb)

@@ -39,3 +39,20 @@ def random_model(tmp_path, cfg: ModelConfig | None = None, seed: int = 0) -> Dee
 
 def random_ids(n: int, vocab: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def pooled_copies(model: DeepseekV4, states: list) -> list:
+    """New pooled states of `model` holding exactly what `states` hold (loaded from their export)."""
+    out = []
+    for s in states:
+        t = model.new_state()
+        t.load(s.export())
+        out.append(t)
+    return out
+
+
+RTOL = 1e-5  # max |a - b| / max |b|, fp32
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())

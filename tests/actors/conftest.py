@@ -6,13 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from factories import random_ids, tiny_config, write_random
-
-RTOL = 1e-5  # max |a - b| / max |b|, fp32
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
+from factories import RTOL, random_ids, rel_err, tiny_config, write_random  # noqa: F401 (RTOL: for the tests)
 
 
 @pytest.fixture(scope="session")

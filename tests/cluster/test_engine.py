@@ -209,3 +209,29 @@ def test_the_cpu_runner_warms_up_its_compiled_experts(tiny_ckpt):
     gc.collect()
     pool = runner.model.dense.state_pool
     assert pool.num_free_slots == pool.num_slots
+
+
+def test_compiled_decode_generates_what_the_eager_runner_does(tiny_ckpt, runner):
+    """An Engine whose runner decodes through compiled regions (compiled at load) gives the same
+    greedy tokens as the eager runner, for a batch of prompts that come and go."""
+    from model_shards.regions import DecodeRegions
+
+    compiled = LocalRunner.from_pretrained(tiny_ckpt, compiled_decode=True)
+    assert isinstance(compiled.model.dense.regions, DecodeRegions) and compiled.model.dense.regions.is_enabled
+    assert compiled.model.dense.regions.attn_in._compiled is not None          # compiled in warm_up
+    texts = ["the regions", "a longer prompt that crosses a compression window or two", "x"]
+
+    def generate(r):
+        async def main():
+            engine = Engine(r, TOK, EngineConfig(max_num_seqs=4))
+            try:
+                outs = await asyncio.gather(*(collect(engine, str(i), prompt(t), max_tokens=12 + 3 * i,
+                                                      temperature=0.0, is_eos_ignored=True)
+                                              for i, t in enumerate(texts)))
+            finally:
+                await engine.close()
+            return [tokens(o) for o in outs]
+        return run(main())
+
+    assert generate(compiled) == generate(runner)
+    assert compiled.model.dense.regions.attn_in.is_compiled                    # no fallback

@@ -178,6 +178,18 @@ def test_device_and_dtype_options():
             ServeConfig.from_args({"device": "cuda"}).resolve_device()
 
 
+def test_compiled_decode_option():
+    from cluster.config import ConfigError, ServeConfig
+
+    with pytest.raises(ConfigError, match="compiled_decode must be"):
+        ServeConfig.from_args({"compiled_decode": "yes"})
+    auto = ServeConfig.from_args({})
+    assert auto.is_compiled_decode("cuda") and not auto.is_compiled_decode("cpu")
+    assert not ServeConfig.from_args({"cuda_graphs": False}).is_compiled_decode("cuda")
+    assert ServeConfig.from_args({"compiled_decode": "on"}).is_compiled_decode("cpu")
+    assert not ServeConfig.from_args({"compiled_decode": "off"}).is_compiled_decode("cuda")
+
+
 def test_embedded_tiny_checkpoint(tmp_path):
     from cluster.tiny_checkpoint import ensure_tiny_checkpoint
     path = ensure_tiny_checkpoint(str(tmp_path))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from factories import random_ids, random_model, tiny_config
+from factories import pooled_copies, random_ids, random_model, tiny_config
 from model_shards import SequenceState
 from model_shards.cuda_graph import DecodeGraphs, _page_bucket
 from model_shards.state_pool import StatePool
@@ -127,17 +127,9 @@ def test_a_replay_is_bitwise_the_uncaptured_fixed_step_on_cuda(tmp_path):
     base = [model.new_state() for _ in range(3)]
     model.step(base, [random_ids(n, cfg.vocab_size, seed=n).cuda() for n in (5, 14, 30)])
 
-    def twins():
-        out = []
-        for s in base:
-            t = model.new_state()
-            t.load(s.export())
-            out.append(t)
-        return out
-
     captured, uncaptured = DecodeGraphs(model, max_batch=4), DecodeGraphs(model, max_batch=4, is_captured=False)
     captured.reserve(8, 64)
-    a, b = twins(), twins()
+    a, b = pooled_copies(model, base), pooled_copies(model, base)
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         for t in range(10):

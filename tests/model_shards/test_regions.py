@@ -1,0 +1,199 @@
+"""DecodeRegions (a pooled decode step's layers as a few compiled functions) equal the eager
+modules: the same logits, states and counters, plain (uncompiled) and compiled, in the model's own
+decode steps and in DecodeGraphs' fixed-shape steps; a failing compile falls back, loudly, once."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from factories import pooled_copies, random_ids, random_model, tiny_config
+from model_shards import SequenceState
+from model_shards.cuda_graph import DecodeGraphs
+from model_shards.fused import Compiled
+from model_shards.regions import DecodeRegions
+from model_shards.state_pool import StatePool
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return random_model(tmp_path_factory.mktemp("regions"), tiny_config(), seed=21)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def assert_same_states(got: list[SequenceState], want: list[SequenceState], tol: float) -> None:
+    for f, e in zip(got, want):
+        a, b = f.export(), e.export()
+        assert a.keys() == b.keys()
+        for name in b:
+            assert a[name].shape == b[name].shape, name
+            if b[name].numel():
+                assert rel_err(a[name], b[name]) <= tol, name
+        for lf, le in zip(f.layers, e.layers):
+            assert lf.num_tokens == le.num_tokens
+            for cf, ce in ((lf.comp, le.comp), (lf.index, le.index)):
+                if ce is not None:
+                    assert (cf.num_tail, cf.num_entries) == (ce.num_tail, ce.num_entries)
+
+
+@pytest.mark.parametrize("is_compiled", [False, True])
+def test_region_decode_equals_the_eager_modules(model, is_compiled):
+    """Three sequences of different lengths, 18 decode steps (every CSA / HCA boundary, more entries
+    than the indexer's top-k), a sequence leaving at step 10: logits and states match."""
+    cfg = model.config
+    model.dense.state_pool = StatePool(cfg, model.dense.dtype, model.dense.device, page_size=2)
+    prompts = [random_ids(n, cfg.vocab_size, seed=n) for n in (6, 13, 29)]
+    steps = [random_ids(18, cfg.vocab_size, seed=50 + k) for k in range(3)]
+    eager = [model.new_state() for _ in prompts]
+    model.step(eager, prompts)
+    for t in range(18):
+        live = slice(0, 3 if t < 10 else 2)
+        model.step(eager[live], [s[t: t + 1] for s in steps[live]], all_logits=False)
+    want_logits = []
+    regional = [model.new_state() for _ in prompts]
+    model.step(regional, prompts)
+    model.dense.regions = DecodeRegions(is_compiled=is_compiled)
+    try:
+        for t in range(18):
+            live = slice(0, 3 if t < 10 else 2)
+            tokens = [s[t: t + 1] for s in steps[live]]
+            got = model.step(regional[live], tokens, all_logits=False)
+            want_logits.append(got)
+    finally:
+        model.dense.regions = DecodeRegions(is_enabled=False)
+    # replay the eager run to compare logits step by step
+    replay = [model.new_state() for _ in prompts]
+    model.step(replay, prompts)
+    for t in range(18):
+        live = slice(0, 3 if t < 10 else 2)
+        want = model.step(replay[live], [s[t: t + 1] for s in steps[live]], all_logits=False)
+        for g, w in zip(want_logits[t], want):
+            assert rel_err(g, w) <= 1e-5, t
+    assert_same_states(regional, eager, 1e-5)
+    if is_compiled:
+        assert all(getattr(model.dense.regions, n).is_compiled is not False for n in ("attn_in",))
+
+
+def test_regions_in_fixed_shape_steps_equal_the_eager_decode(model):
+    """DecodeGraphs' fixed-shape steps (padding rows, masked window emission: every row pools)
+    with compiled regions, against standalone states on the plain decode path."""
+    cfg = model.config
+    pool = StatePool(cfg, model.dense.dtype, model.dense.device, num_slots=2, page_size=2, num_pages=2)
+    model.dense.state_pool = pool
+    model.dense.regions = DecodeRegions()
+    try:
+        graphs = DecodeGraphs(model, max_batch=4, is_captured=False, batch_buckets=(2,))
+        prompts = [random_ids(n, cfg.vocab_size, seed=n) for n in (5, 14, 30)]
+        fixed = [model.new_state() for _ in prompts]
+        eager = [SequenceState.new(cfg) for _ in prompts]
+        model.step(fixed, prompts)
+        model.step(eager, prompts)
+        steps = [random_ids(16, cfg.vocab_size, seed=200 + k) for k in range(3)]
+        for t in range(16):
+            live = slice(0, 3 if t < 9 else 2)
+            tokens = [s[t: t + 1] for s in steps[live]]
+            got = graphs.step(fixed[live], tokens)
+            want = model.step(eager[live], tokens, all_logits=False)
+            for g, w in zip(got, want):
+                assert rel_err(g, w) <= 1e-5, t
+        assert_same_states(fixed, eager, 1e-5)
+    finally:
+        model.dense.regions = DecodeRegions(is_enabled=False)
+
+
+def test_only_decode_only_pooled_steps_take_the_regions(model):
+    cfg = model.config
+    regions = DecodeRegions(is_compiled=False)
+    model.dense.state_pool = None
+    pooled = [model.new_state() for _ in range(2)]
+    model.step(pooled, [random_ids(5, cfg.vocab_size, seed=k) for k in range(2)])
+    _, decode = model.dense.begin_step(pooled, [torch.tensor([1]), torch.tensor([2])])
+    _, mixed = model.dense.begin_step(pooled, [torch.tensor([1]), torch.tensor([2, 3])])
+    _, alone = model.dense.begin_step([SequenceState.new(cfg)], [torch.tensor([1])])
+    assert regions.can_run(decode)
+    assert not regions.can_run(mixed)            # a prefill in the step: the eager modules
+    assert not regions.can_run(alone)            # a state outside the pool: no DecodeMeta
+    assert not DecodeRegions(is_enabled=False).can_run(decode)
+
+
+def _needs_the_host(x: torch.Tensor) -> torch.Tensor:
+    if x.sum().item() > 0:                       # data-dependent branch: fullgraph compile fails
+        return x + 1
+    return x - 1
+
+
+def test_a_region_that_cannot_compile_runs_eagerly_and_says_so_once():
+    fn = Compiled(_needs_the_host)
+    x = torch.ones(3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert torch.equal(fn(x), x + 1)
+        assert torch.equal(fn(-x), -x - 1)
+    assert not fn.is_compiled
+    assert len([w for w in caught if "running it eagerly" in str(w.message)]) == 1
+
+
+def test_bad_arguments_raise_and_keep_the_region_compiled():
+    fn = Compiled(lambda a, b: a @ b)
+    assert torch.equal(fn(torch.eye(2), torch.ones(2, 2)), torch.ones(2, 2))
+    with pytest.raises(RuntimeError):
+        fn(torch.ones(2, 3), torch.ones(2, 3))   # a shape error is the caller's, not the compiler's
+    assert fn.is_compiled
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_captured_region_steps_on_cuda(tmp_path):
+    """Graphs captured with compiled regions (Triton kernels inside the graph): a replay is
+    bitwise the same fixed-shape step run uncaptured, and against an fp32 reference it is no
+    less accurate than the eager bf16 modules (Inductor keeps fp32 inside its fused kernels)."""
+    from model_shards import DeepseekV4
+    from factories import write_random
+    cfg = tiny_config()
+    path = write_random(tmp_path, cfg, seed=5)
+    model = DeepseekV4.from_pretrained(path, dtype=torch.bfloat16, device="cuda")
+    ref_model = DeepseekV4.from_pretrained(path, dtype=torch.float32, device="cuda")
+    prompts = [random_ids(n, cfg.vocab_size, seed=n).cuda() for n in (5, 14, 30)]
+    reference = [ref_model.new_state() for _ in prompts]
+    ref_model.step(reference, prompts)
+    base = [model.new_state() for _ in prompts]
+    model.step(base, prompts)
+
+    eager, captured_states, uncaptured_states = (pooled_copies(model, base) for _ in range(3))
+    model.dense.regions = DecodeRegions()
+    try:
+        captured = DecodeGraphs(model, max_batch=4)
+        captured.reserve(8, 64)
+        uncaptured = DecodeGraphs(model, max_batch=4, is_captured=False)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        worst_regions = worst_eager = 0.0
+        for t in range(12):
+            tokens = [torch.tensor([(5 * t + k) % cfg.vocab_size]) for k in range(3)]
+            got = torch.stack(captured.step(captured_states, tokens)).float()
+            same = torch.stack(uncaptured.step(uncaptured_states, tokens)).float()
+            assert torch.equal(got, same), t
+            model.dense.regions.is_enabled = False
+            plain = torch.stack(model.step(eager, [x.cuda() for x in tokens], all_logits=False)).float()
+            model.dense.regions.is_enabled = True
+            want = torch.stack(ref_model.step(reference, [x.cuda() for x in tokens], all_logits=False))
+            worst_regions, worst_eager = max(worst_regions, rel_err(got, want)), max(worst_eager, rel_err(plain, want))
+        assert worst_regions <= 1.5 * worst_eager + 1e-3, (worst_regions, worst_eager)
+        assert captured.num_captures >= 1
+        assert model.dense.regions.attn_in.is_compiled        # compiled, not fallen back
+    finally:
+        torch.use_deterministic_algorithms(False)
+        model.dense.regions = DecodeRegions(is_enabled=False)
+
+
+def test_the_one_row_sinkhorn_equals_the_plain_loop():
+    """ops.sinkhorn_rows (what GPUs compile) against ops.sinkhorn_torch: only summation order differs."""
+    from model_shards.ops import sinkhorn_rows, sinkhorn_torch
+    comb = torch.rand(5, 3, 4, 4, generator=torch.Generator().manual_seed(0)) + 1e-3
+    got, want = sinkhorn_rows(comb, 20, 1e-6), sinkhorn_torch(comb, 20, 1e-6)
+    assert got.shape == want.shape
+    assert (got - want).abs().max() <= 1e-6
+    assert torch.allclose(got.sum(-2), torch.ones(5, 3, 4), atol=1e-5)   # columns normalised last
