@@ -97,6 +97,20 @@ def reserve_pool(dense, num_seqs: int, max_tokens: int) -> None:
     pool.reserve(num_seqs + 2, {r: num_seqs * n + 2 for r, n in per_seq.items()})   # + pad / zero, scratch
 
 
+def warm_up_keys(dense, buckets: tuple[int, ...], num_entries: int) -> list[tuple[int, dict[int, int]]]:
+    """(rows, page-table width per rate) of the fixed-shape steps worth compiling at load: the 1-row
+    and the 2-row buckets, each with no compressed entries and with room for `num_entries` per
+    rate (e.g. the indexer's top-k + 1, the step kind that selects entries). Makes the pool and
+    reserves its pad slot and scratch pages first (so no capture is dropped by that growth)."""
+    if dense.state_pool is None:
+        dense.new_state()                 # makes the pool
+    pool = dense.state_pool
+    pool.pad_slot_id, [pool.scratch_page_id(r) for r in pool.rates]
+    wide = {r: _page_bucket(-(-num_entries // pool.page_size)) for r in pool.rates}
+    rows = sorted({next(b for b in buckets if b >= n) for n in (1, 2) if n <= buckets[-1]})
+    return [(n, pages) for n in rows for pages in ({r: 0 for r in pool.rates}, wide)]
+
+
 @dataclass
 class _Graph:
     inputs: StepInputs
@@ -156,24 +170,19 @@ class DecodeGraphs:
         return list(g.logits[: len(states)])
 
     def warm_up(self, num_entries: int) -> None:
-        """Capture the keys of 1 and 2 rows with no compressed entries and with room for
-        `num_entries` per rate (e.g. the indexer's top-k + 1), so that whatever those shapes
-        compile (model_shards.regions: each kind of step once; sizes then stay symbolic) is
-        compiled now, not in the middle of serving."""
-        if self.model.dense.state_pool is None:
-            self.model.dense.new_state()              # makes the pool
+        """Capture the keys of `warm_up_keys` now, so that whatever their shapes compile
+        (model_shards.regions: each kind of step once; sizes then stay symbolic) is compiled at
+        load, not in the middle of serving."""
+        keys = warm_up_keys(self.model.dense, self.buckets, num_entries)
         pool = self.model.dense.state_pool
-        pool.pad_slot_id, [pool.scratch_page_id(r) for r in pool.rates]   # reserved before any capture
         if pool.generation != self._generation:
             self._graphs.clear()
             self._mempool = None
             self._generation = pool.generation
-        wide = {r: _page_bucket(-(-(num_entries) // pool.page_size)) for r in pool.rates}
-        for rows in sorted({next(b for b in self.buckets if b >= n) for n in (1, 2)}):
-            for pages in ({r: 0 for r in pool.rates}, wide):
-                key = (rows, tuple(sorted(pages.items())))
-                if key not in self._graphs:
-                    self._graphs[key] = self._capture(rows, pages)
+        for rows, pages in keys:
+            key = (rows, tuple(sorted(pages.items())))
+            if key not in self._graphs:
+                self._graphs[key] = self._capture(rows, pages)
 
     # ---- capture ----------------------------------------------------------------------------
     def _forward(self, indices: torch.Tensor, token_ids: torch.Tensor, plan: DecodePlan) -> torch.Tensor:

@@ -22,6 +22,7 @@ Owns: the compiled function (one per ExpertBank that holds it).
 
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import torch
@@ -93,21 +94,23 @@ def call_compiled(compiled, args: tuple, max_recompiles: int):
 
 
 class Compiled:
-    """`fn` through torch.compile (dynamic shapes, one graph), built on first call; shared by the
+    """`fn` through torch.compile (one graph, fullgraph), built on first call; shared by the
     compiled decode paths (regions.DecodeRegions). If compiling fails (no C++ compiler / Triton, an
     unsupported op) it warns once and calls `fn` eagerly from then on: slower, never wrong.
     Runs under no_grad (inference only: one grad mode, fewer recompiles)."""
 
     MAX_RECOMPILES = 32
 
-    def __init__(self, fn, dynamic_dims: dict[int, tuple[int, ...]] | None = None):
-        """`dynamic_dims`: {argument position: dims} of the sizes that vary between calls (rows,
-        pages, slots), compiled symbolic from the first call on. Everything else (weights, ints,
-        the hc / head / rope sizes) stays static, so tiny fixed loops unroll and no later size
-        change recompiles (a GPU recompile takes seconds, mid-serving). Without it: torch's
-        dynamic=True (every size symbolic)."""
+    def __init__(self, fn, dynamic_dims: dict[str, tuple[int, ...]] | None = None):
+        """`dynamic_dims`: {argument name: dims} of the sizes that vary between calls (rows, pages,
+        slots), compiled symbolic from the first call on (the arguments come positionally).
+        Everything else (weights, ints, the hc / head / rope sizes) stays static, so that tiny
+        fixed loops unroll, and no later size change recompiles (a GPU recompile takes seconds,
+        mid-serving). Without it: torch's dynamic=True (every size symbolic)."""
         self.fn = fn
         self.dynamic_dims = dynamic_dims
+        names = list(inspect.signature(fn).parameters)
+        self._dynamic_at = [(names.index(name), dims) for name, dims in (dynamic_dims or {}).items()]
         self.is_compiled = True
         self._compiled = None
 
@@ -115,9 +118,9 @@ class Compiled:
         if not self.is_compiled:
             return self.fn(*args)
         if self._compiled is None:
-            self._compiled = torch.compile(self.fn, dynamic=None if self.dynamic_dims else True, fullgraph=True)
-        if self.dynamic_dims:
-            for i, dims in self.dynamic_dims.items():
+            self._compiled = torch.compile(self.fn, dynamic=None if self._dynamic_at else True, fullgraph=True)
+        if self._dynamic_at:
+            for i, dims in self._dynamic_at:
                 if args[i] is not None:
                     for d in dims:
                         torch._dynamo.maybe_mark_dynamic(args[i], d)
@@ -130,8 +133,8 @@ class Compiled:
             self.is_compiled = False
             return out
 
-    def __getstate__(self):
-        return {"fn": self.fn, "dynamic_dims": self.dynamic_dims, "is_compiled": self.is_compiled, "_compiled": None}   # compiled code does not copy
+    def __getstate__(self):   # compiled code does not copy: a copy compiles again on first use
+        return {**self.__dict__, "_compiled": None}
 
 
 def gathered_experts(x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,

@@ -96,6 +96,10 @@ def shared_only(x, w13, w2, limit: float):
     return shared_expert(x, w13, w2, limit)
 
 
+def _dims(names: str) -> dict[str, tuple[int, ...]]:
+    return {name: (0,) for name in names.split()}
+
+
 class DecodeRegions:
     """The regions of one DenseModel, compiled (`is_compiled`) or plain. `is_enabled=False`: the
     model never takes this path (its eager modules run every step)."""
@@ -103,16 +107,18 @@ class DecodeRegions:
     def __init__(self, is_enabled: bool = True, is_compiled: bool = True):
         self.is_enabled = is_enabled
         self.is_compiled = is_compiled
-        # the arguments (position: dims) whose sizes vary between steps: rows, slots, pages, widths
-        rows = (0,)
         wrap = Compiled if is_compiled else (lambda fn, dims: fn)
-        self.attn_in = wrap(attn_in, {0: rows, 9: rows, 11: rows})
-        self.compress = wrap(pool_pushed, {i: rows for i in range(14)})
-        self.attn_out = wrap(attn_out, {**{i: rows for i in (0, 1, 2, 3, 4, 5, 6, 9, 10, 11, 13, 16, 17, 18)},
-                                        7: (0, 1), 8: (0, 1)})
-        self.moe_in = wrap(moe_in, {0: rows, 5: rows})
-        self.moe_out = wrap(moe_out, {i: rows for i in (0, 1, 2, 5, 6, 7)})
-        self.shared = wrap(shared_only, {0: rows})
+        # the arguments whose sizes vary between steps (rows, slots, pages, page-table widths): dim 0
+        # unless said; everything else (weights, constants) is compiled static
+        self.attn_in = wrap(attn_in, _dims("h cs idx_cs"))
+        self.compress = wrap(pool_pushed, _dims("kv gate tail_kv tail_gate overlap_kv overlap_gate pages slot_ids "
+                                                "tail_rows complete_slot_ids entry_positions entry_page_ids "
+                                                "entry_rows complete_mask"))
+        self.attn_out = wrap(attn_out, {**_dims("q kv ring slot_ids ring_rows window_ok entry_pages index_pages idx_q "
+                                                "idx_w cs h post comb"), "page_table": (0, 1), "entry_ok": (0, 1)})
+        self.moe_in = wrap(moe_in, _dims("h token_ids"))
+        self.moe_out = wrap(moe_out, _dims("routed shared x h post comb"))
+        self.shared = wrap(shared_only, _dims("x"))
 
     # ---- a layer's pieces, as DenseModel calls them (the arguments come from its modules) ----
     def attention(self, dense, layer_id: int, h: torch.Tensor, batch) -> torch.Tensor:

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .batch import DecodeMeta, DecodePlan, StepBatch
-from .cuda_graph import BATCH_BUCKETS, StepInputs, can_plan_fixed_step, plan_fixed_step, reserve_pool
+from .cuda_graph import (BATCH_BUCKETS, StepInputs, can_plan_fixed_step, plan_fixed_step, reserve_pool,
+                         warm_up_keys)
 from .state import SequenceState
 
 
@@ -73,6 +74,19 @@ class SegmentGraphs:
 
     def reserve(self, num_seqs: int, max_tokens: int) -> None:
         reserve_pool(self.dense, num_seqs, max_tokens)
+
+    def warm_up(self, num_micro_batches: int, num_entries: int) -> None:
+        """Make (capture) the sets of `cuda_graph.warm_up_keys` for every micro-batch now: what
+        their segments compile is compiled at load, not in the middle of serving."""
+        keys = warm_up_keys(self.dense, self.buckets, num_entries)
+        if self.dense.state_pool.generation != self._generation:
+            self._sets.clear()
+            self._generation = self.dense.state_pool.generation
+        for m in range(num_micro_batches):
+            for rows, pages in keys:
+                key = (m, rows, tuple(sorted(pages.items())))
+                if key not in self._sets:
+                    self._sets[key] = self._make_set(rows, pages)
 
     def can_step(self, states: list[SequenceState], token_ids: list[torch.Tensor]) -> bool:
         return can_plan_fixed_step(self.dense, states, token_ids, self.buckets[-1])

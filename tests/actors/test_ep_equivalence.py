@@ -12,7 +12,7 @@ import torch
 from actors.launch import launch
 from actors.messages import ShardError
 
-from conftest import check_decode, check_prefill
+from ep_checks import check_decode, check_prefill
 
 
 @pytest.mark.parametrize("num_shards, placement", [

@@ -15,7 +15,7 @@ import torch
 from actors.launch import launch
 from actors.messages import ShardError
 
-from conftest import check_decode, check_prefill
+from ep_checks import check_decode, check_prefill
 
 
 def generate_until_error(runner, act, delay_s: float = 0.4, limit_s: float = 60.0):

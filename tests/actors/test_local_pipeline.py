@@ -12,7 +12,7 @@ from actors.transport.local import LocalTransport
 from model_shards.checkpoint import CheckpointReader
 from model_shards.loading import load_dense, load_experts
 
-from conftest import check_decode, check_prefill
+from ep_checks import check_decode, check_prefill
 
 
 def make_router(ckpt, assignment, micro_batches):
@@ -43,6 +43,36 @@ def test_graph_segments_match_single_process(ep_ckpt, ep_ref, micro_batches):
     check_decode(router, ep_ref, num_steps=6, seed=3)
     assert {key[0] for key in router.graphs._sets} == set(range(micro_batches))   # one set per micro-batch
     assert router.last_timing.num_micro_batches == micro_batches
+
+
+@pytest.mark.parametrize("is_segments", [False, True])
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_decode_regions_in_the_router_match_single_process(ep_ckpt, ep_ref, micro_batches, is_segments):
+    """The router's decode steps through DecodeRegions (plain: the compiled form is checked in
+    tests/model_shards/test_regions.py), eagerly and inside graph segments: the region MoE work
+    (shared expert while the shards compute, moe_end with it) equals the single process."""
+    from model_shards.regions import DecodeRegions
+    from model_shards.segment_graphs import SegmentGraphs
+    router = make_router(ep_ckpt, [[0, 1, 2], [3, 4], [5, 6]], micro_batches)
+    router.dense.regions = DecodeRegions(is_compiled=False)
+    if is_segments:
+        router.graphs = SegmentGraphs(router.dense, max_batch=4, is_captured=False, batch_buckets=(2,))
+    calls = []
+    attention = router.dense.regions.attention
+    router.dense.regions.attention = lambda *a: calls.append(1) or attention(*a)
+    check_decode(router, ep_ref, num_steps=5, seed=4)
+    assert len(calls) == 5 * micro_batches * ep_ref.config.num_layers     # every decode step, every layer
+
+
+def test_segment_warm_up_makes_each_micro_batch_its_sets(ep_ckpt):
+    from model_shards.segment_graphs import SegmentGraphs
+    router = make_router(ep_ckpt, [[0, 1, 2], [3, 4], [5, 6]], 2)
+    graphs = SegmentGraphs(router.dense, max_batch=4, is_captured=False, batch_buckets=(2,))
+    graphs.warm_up(2, router.config.index_topk + 1)
+    pages = router.dense.state_pool.page_size
+    wide = tuple((r, -(-(router.config.index_topk + 1) // pages)) for r in router.dense.state_pool.rates)
+    narrow = tuple((r, 0) for r in router.dense.state_pool.rates)
+    assert sorted(graphs._sets) == sorted((m, 2, w) for m in (0, 1) for w in (narrow, wide))
 
 
 def test_micro_batches_partition_the_sequences(ep_ckpt, ep_ref):

@@ -140,3 +140,18 @@ def test_a_replay_is_bitwise_the_uncaptured_fixed_step_on_cuda(tmp_path):
     finally:
         torch.use_deterministic_algorithms(False)
     assert captured.num_captures >= 1
+
+
+def test_warm_up_makes_the_common_keys_first(model):
+    """1 and 2 rows (their buckets), with no entries and with room for more than the indexer's
+    top-k; the steps that follow reuse them (no capture on the way)."""
+    cfg = model.config
+    model.dense.state_pool = StatePool(cfg, model.dense.dtype, model.dense.device, page_size=2)
+    graphs = DecodeGraphs(model, max_batch=8, is_captured=False, batch_buckets=(1, 2, 4))
+    graphs.warm_up(cfg.index_topk + 1)                     # 4 entries: 2 pages of 2 per rate
+    assert sorted(graphs._graphs) == [(1, ((4, 0), (8, 0))), (1, ((4, 2), (8, 2))),
+                                      (2, ((4, 0), (8, 0))), (2, ((4, 2), (8, 2)))]
+    states = [model.new_state() for _ in range(2)]
+    model.step(states, [random_ids(5, cfg.vocab_size, seed=k) for k in range(2)])
+    graphs.step(states, [torch.tensor([1]), torch.tensor([2])])     # 6 tokens: 1 CSA entry -> 1 page (bucket 1)
+    assert len(graphs._graphs) == 5 and (2, ((4, 1), (8, 0))) in graphs._graphs
