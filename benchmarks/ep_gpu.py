@@ -40,12 +40,13 @@ class Bench:
     """Runs inside the router's actor: launch() there, then time steps."""
 
     def __init__(self, path: str, num_shards: int, dtype: str, is_gpu: bool, transport: str = "collective",
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, compiled_decode: bool = False):
         from actors.launch import launch
         self.dtype = getattr(torch, dtype)
         self.is_gpu = is_gpu
         self.runner = launch(path, num_expert_shards=num_shards, dtype=self.dtype,
-                             device="cuda" if is_gpu else "cpu", transport=transport, cuda_graphs=cuda_graphs)
+                             device="cuda" if is_gpu else "cpu", transport=transport, cuda_graphs=cuda_graphs,
+                             compiled_decode=compiled_decode)
         self.cfg = self.runner.config
 
     def _sync(self) -> None:
@@ -159,6 +160,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-overlap-decode", action="store_true", help="decode with micro_batches=1 only")
     p.add_argument("--transport", default="collective", choices=("collective", "ray"))
     p.add_argument("--no-graphs", action="store_true", help="router decode steps eager (no CUDA-graph segments)")
+    p.add_argument("--no-compiled-decode", action="store_true",
+                   help="router decode layers as eager modules (default on GPUs with graphs: compiled regions, "
+                        "model_shards.regions, as `dsv4 serve --compiled-decode auto`)")
     p.add_argument("--share-gpu", action="store_true",
                    help="router + shards on ONE GPU (Ray told it has shards + 1 GPUs, CUDA_VISIBLE_DEVICES left "
                         "alone). NCCL refuses two ranks on one GPU, so this needs --transport ray; a code-path "
@@ -208,10 +212,13 @@ def main(argv: list[str] | None = None) -> dict:
     if is_gpu and num_gpus < 2:
         raise SystemExit(f"needs >= 2 GPUs (router + 1 shard); this cluster has {num_gpus}. Use --cpu for a smoke run.")
     num_shards = args.shards or (2 if is_smoke else num_gpus - 1)
+    compiled_decode = is_gpu and not args.no_graphs and not args.no_compiled_decode
     actor = ray.remote(num_gpus=1 if is_gpu else 0, num_cpus=1)(Bench).remote(path, num_shards, dtype, is_gpu,
-                                                                                     args.transport, not args.no_graphs)
+                                                                                     args.transport, not args.no_graphs,
+                                                                                     compiled_decode)
     result: dict = {"preset": preset, "dtype": dtype, "num_shards": num_shards, "device": "cuda" if is_gpu else "cpu",
                     "transport": args.transport, "shared_gpu": args.share_gpu, "router_graphs": not args.no_graphs,
+                    "router_compiled_decode": compiled_decode,
                     "context": context, "machine": machine(), "load_avg_1m_at_start": round(os.getloadavg()[0], 2), "decode": {}, "prefill": {}}
     _progress(t_start, f"router actor started ({num_shards} shards, launching)")
     try:
