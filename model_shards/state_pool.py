@@ -36,7 +36,8 @@ class StatePool:
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str,
                  num_slots: int = 8, page_size: int = PAGE_SIZE, num_pages: int = 64):
         self.cfg, self.dtype, self.device, self.page_size = cfg, dtype, torch.device(device), page_size
-        proto = SequenceState.new(cfg, dtype, "meta")       # shapes only
+        proto = SequenceState.new(cfg, dtype, "meta")       # shapes only; new states copy its structure
+        self._proto = proto
         self._ring_shapes = [tuple(layer.ring.shape) for layer in proto.layers]
         self._comps = {(i, name): cs for i, layer in enumerate(proto.layers) for name, cs in _compressors(layer)}
         self.rates = sorted({cs.rate for cs in self._comps.values()})
@@ -62,7 +63,7 @@ class StatePool:
         if not self._free_slots:
             self._grow_slots(2 * self.num_slots)
         slot = self._free_slots.pop()
-        state = SequenceState.new(self.cfg, self.dtype, self.device, allocate=False)
+        state = self._proto.blank_copy(self.device)    # placeholders on "meta" until attached below
         for i in range(len(self.rings)):
             self.rings[i][slot].zero_()   # padding rows must hold finite values (0 * nan = nan)
         for kv, gate in self.overlaps.values():

@@ -112,3 +112,21 @@ def test_load_into_pooled_state_and_clone_is_standalone(model):
     assert torch.equal(a, b) and rel_err(c, a) <= 1e-5
     with pytest.raises(ValueError, match="fresh"):
         src.load(tensors)
+
+
+def test_pooled_states_are_blank_copies_of_the_pool_prototype():
+    """new_state copies the pool's prototype structure (no tensors allocated) and attaches slot
+    views: fresh counters, its own layer / compressor objects, every fixed buffer in the pool."""
+    cfg = tiny_config()
+    pool = StatePool(cfg, torch.float32, "cpu")
+    a, b = pool.new_state(), pool.new_state()
+    assert a.device == torch.device("cpu") and a.num_tokens == 0 and a.slot_id != b.slot_id
+    for la, lb, i in zip(a.layers, b.layers, range(cfg.num_layers)):
+        assert la is not lb and la.num_tokens == 0
+        assert la.ring.data_ptr() == pool.rings[i][a.slot_id].data_ptr()
+        for name, ca, cb in (("comp", la.comp, lb.comp), ("index", la.index, lb.index)):
+            if ca is None:
+                continue
+            assert ca is not cb and (ca.num_entries, ca.num_tail) == (0, 0)
+            assert ca._tail_kv.data_ptr() == pool.tails[(i, name)][0][a.slot_id].data_ptr()
+    assert all(layer.ring.device.type == "meta" for layer in pool._proto.layers)   # the prototype stays blank
