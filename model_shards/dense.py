@@ -11,11 +11,8 @@ head; and the step API the serving router drives layer by layer:
         h = dense.moe_end(work, routed)                  # + shared expert -> mHC post
     logits = dense.finish_step(h, batch)                 # hc_head -> norm -> head; states advance
 
-Manifold-constrained hyper-connections (mHC): the residual is hc_mult streams [T, hc, hidden].
-From the RMS-normalised flattened streams a linear map gives pre [hc], post [hc] and comb [hc, hc]:
-pre = σ(·)+eps collapses the streams into the block input, post = 2σ(·) spreads the block output
-back, and comb = Sinkhorn(softmax(·)+eps) (rows and columns normalised alternately, so it is close
-to doubly stochastic) mixes the old streams:  h'_k = post_k · out + Σ_j comb[j, k] · h_j.
+The residual streams are mHC's (model_shards/mhc.py). Also owns `regions` (regions.DecodeRegions,
+off unless enabled): when on, decode-only pooled steps run these same calls as compiled regions.
 """
 
 from __future__ import annotations
