@@ -62,9 +62,10 @@ class LocalRunner:
         the decode regions, when on) on throwaway states, so that the first request does not wait
         for it. (Regions of steps whose sequences hold more than the indexer's top-k entries
         compile on first use.)"""
-        window = self.config.sliding_window
+        # regions also compile steps with compressed entries: prompts past the window
+        n = self.config.sliding_window + 2 if self.model.dense.regions.is_enabled else 2
         states = [self.model.new_state() for _ in range(2)]
-        self.model.step(states, [torch.arange(window + 2) % 2, torch.arange(window + 2) % 3], all_logits=False)
+        self.model.step(states, [torch.arange(n) % 2, torch.arange(n) % 3], all_logits=False)
         for _ in range(2):
             self.model.step(states, [torch.tensor([0]), torch.tensor([1])], all_logits=False)
             self.model.step(states[:1], [torch.tensor([2])], all_logits=False)

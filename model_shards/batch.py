@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .micro_batches import MIN_PART_TOKENS, SegmentPart, plan_micro_batches, split_whole
+from .micro_batches import MIN_PART_TOKENS, SegmentPart, plan_micro_batches
 from .state import SequenceState
 
 @dataclass
@@ -87,10 +87,6 @@ class StepBatch:
     def last_rows(self) -> torch.Tensor:
         """Row of each segment's last token, [num_segments]."""
         return torch.tensor([s + n - 1 for s, n in zip(self.starts, self.lengths)], dtype=torch.int64)
-
-    def split(self, num_parts: int) -> list[list[int]]:
-        """Partition segment indices into <= num_parts groups of similar token counts (micro-batches)."""
-        return split_whole(self.lengths, num_parts)
 
     def plan(self, num_parts: int, min_part: int = MIN_PART_TOKENS) -> list[list["SegmentPart"]]:
         """Micro-batches of segment parts (prefills may be cut): see `plan_micro_batches`."""

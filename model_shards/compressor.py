@@ -78,7 +78,7 @@ class Compressor(nn.Module):
         the sequences' buffers live in a StatePool, so each update is one indexed op for all B
         (and `states` is not touched: their counters advance after the step)."""
         if pooled is not None:
-            self._push_decode_pooled(kv, gate, inv_freq, pooled)
+            self.push_pooled(kv, gate, inv_freq, pooled)
             return
         for b, cs in enumerate(states):
             n = cs.num_tail
@@ -102,18 +102,19 @@ class Compressor(nn.Module):
                 cs.set_overlap(win_kv[f, :, : self.dim], win_gate[f, :, : self.dim])
             cs.append_entries(entries[f: f + 1])
 
-    def _push_decode_pooled(self, kv, gate, inv_freq, p: "PooledCompressor") -> None:
+    def push_pooled(self, kv, gate, inv_freq, p: "PooledCompressor", pool_fn=None) -> None:
         """Buffer writes only: the states' counters advance after the step (DecodePlan.advance).
         Fixed shape (`p.completes` None): every row pools its tail as if complete; the rows that
-        are not write their entry to the scratch page and keep their overlap (torch.where)."""
-        p.tail_kv[p.slot_ids, p.tail_rows] = kv
-        p.tail_gate[p.slot_ids, p.tail_rows] = gate
-        if p.completes is not None and not p.completes:
+        are not write their entry to the scratch page and keep their overlap (torch.where).
+        `pool_fn`: `pool_pushed` or a compiled form of it (regions.DecodeRegions)."""
+        if p.completes is not None and not p.completes:   # no window completes: the tail writes only
+            p.tail_kv[p.slot_ids, p.tail_rows] = kv
+            p.tail_gate[p.slot_ids, p.tail_rows] = gate
             return
-        pool_pushed(kv, gate, p.tail_kv, p.tail_gate, p.overlap_kv, p.overlap_gate, p.entry_pages_store,
-                    p.slot_ids, p.tail_rows, p.complete_slot_ids, p.entry_positions, p.entry_page_ids,
-                    p.entry_rows, p.complete_mask, self.ape, self.norm.weight, inv_freq, self.dim, self.norm.eps,
-                    is_written=True)
+        pool_fn = pool_fn or pool_pushed
+        pool_fn(kv, gate, p.tail_kv, p.tail_gate, p.overlap_kv, p.overlap_gate, p.entry_pages_store, p.slot_ids,
+                p.tail_rows, p.complete_slot_ids, p.entry_positions, p.entry_page_ids, p.entry_rows, p.complete_mask,
+                self.ape, self.norm.weight, inv_freq, self.dim, self.norm.eps)
 
     def _pool(self, win_kv, win_gate, prev_kv, prev_gate, positions, inv_freq) -> torch.Tensor:
         return pool_windows(win_kv, win_gate, prev_kv, prev_gate, positions, inv_freq, self.norm.weight,
@@ -134,15 +135,14 @@ def pool_windows(win_kv, win_gate, prev_kv, prev_gate, positions, inv_freq, norm
 
 def pool_pushed(kv, gate, tail_kv, tail_gate, overlap_kv, overlap_gate, pages, slot_ids, tail_rows,
                 complete_slot_ids, entry_positions, entry_page_ids, entry_rows, complete_mask, ape, norm_w,
-                inv_freq, dim: int, eps: float, is_written: bool = False) -> None:
-    """A pooled decode step of one compressor, buffer writes only (`Compressor._push_decode_pooled`;
+                inv_freq, dim: int, eps: float) -> None:
+    """A pooled decode step of one compressor, buffer writes only (`Compressor.push_pooled`;
     also a compiled decode region). Rows b write kv / gate [B, in_dim] into tail row tail_rows[b] of
-    slot slot_ids[b] (skipped when `is_written`); the completing slots [F] pool their windows (with
+    slot slot_ids[b]; the completing slots [F] pool their windows (with
     `complete_mask` [F], the fixed shape: every row pools, only the masked ones keep their overlap
     and the rest write the scratch page) into (entry_page_ids, entry_rows) of `pages`."""
-    if not is_written:
-        tail_kv[slot_ids, tail_rows] = kv
-        tail_gate[slot_ids, tail_rows] = gate
+    tail_kv[slot_ids, tail_rows] = kv
+    tail_gate[slot_ids, tail_rows] = gate
     win_kv, win_gate = tail_kv[complete_slot_ids], tail_gate[complete_slot_ids] + ape   # [F, rate, in_dim]
     prev_kv = prev_gate = None
     if overlap_kv is not None:

@@ -150,12 +150,8 @@ class DecodeGraphs:
         its new token. They are views of the graph's output, valid until its next replay."""
         if not self.can_step(states, token_ids):
             raise ValueError("DecodeGraphs.step takes one new token for each of 1..max_batch pooled states")
-        pool = self.model.dense.state_pool
         plan, ids, key = plan_fixed_step(self.model.dense, states, token_ids, self.buckets)
-        if pool.generation != self._generation:
-            self._graphs.clear()                  # buffers moved: every captured address is stale
-            self._mempool = None                  # (its memory went with the graphs; a new pool)
-            self._generation = pool.generation
+        self._drop_stale_graphs()
         g = self._graphs.get(key)
         if g is None:
             g = self._graphs[key] = self._capture(plan.num_rows, plan.num_pages)
@@ -174,15 +170,18 @@ class DecodeGraphs:
         (model_shards.regions: each kind of step once; sizes then stay symbolic) is compiled at
         load, not in the middle of serving."""
         keys = warm_up_keys(self.model.dense, self.buckets, num_entries)
-        pool = self.model.dense.state_pool
-        if pool.generation != self._generation:
-            self._graphs.clear()
-            self._mempool = None
-            self._generation = pool.generation
+        self._drop_stale_graphs()
         for rows, pages in keys:
             key = (rows, tuple(sorted(pages.items())))
             if key not in self._graphs:
                 self._graphs[key] = self._capture(rows, pages)
+
+    def _drop_stale_graphs(self) -> None:
+        pool = self.model.dense.state_pool
+        if pool.generation != self._generation:
+            self._graphs.clear()                  # buffers moved: every captured address is stale
+            self._mempool = None                  # (its memory went with the graphs; a new pool)
+            self._generation = pool.generation
 
     # ---- capture ----------------------------------------------------------------------------
     def _forward(self, indices: torch.Tensor, token_ids: torch.Tensor, plan: DecodePlan) -> torch.Tensor:

@@ -108,7 +108,6 @@ class Compiled:
         fixed loops unroll, and no later size change recompiles (a GPU recompile takes seconds,
         mid-serving). Without it: torch's dynamic=True (every size symbolic)."""
         self.fn = fn
-        self.dynamic_dims = dynamic_dims
         names = list(inspect.signature(fn).parameters)
         self._dynamic_at = [(names.index(name), dims) for name, dims in (dynamic_dims or {}).items()]
         self.is_compiled = True

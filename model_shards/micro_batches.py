@@ -1,7 +1,7 @@
 """Micro-batch plans: how a step's segments (sequences' new tokens) are dealt to the router's
 micro-batches, cutting long prefills inside a sequence where that balances the token counts.
 
-Owns nothing (pure functions of the segments' lengths). Used by StepBatch.plan / split and the
+Owns nothing (pure functions of the segments' lengths). Used by StepBatch.plan and the
 expert-parallel router (actors/router.py).
 """
 

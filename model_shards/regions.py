@@ -92,10 +92,6 @@ def moe_out(routed, shared, x, w13, w2, h, post, comb, limit: float):
     return hc_merge(routed + shared, h, post, comb)
 
 
-def shared_only(x, w13, w2, limit: float):
-    return shared_expert(x, w13, w2, limit)
-
-
 def _dims(names: str) -> dict[str, tuple[int, ...]]:
     return {name: (0,) for name in names.split()}
 
@@ -118,7 +114,7 @@ class DecodeRegions:
                                                 "idx_w cs h post comb"), "page_table": (0, 1), "entry_ok": (0, 1)})
         self.moe_in = wrap(moe_in, _dims("h token_ids"))
         self.moe_out = wrap(moe_out, _dims("routed shared x h post comb"))
-        self.shared = wrap(shared_only, _dims("x"))
+        self.shared = wrap(shared_expert, _dims("x"))
 
     # ---- a layer's pieces, as DenseModel calls them (the arguments come from its modules) ----
     def attention(self, dense, layer_id: int, h: torch.Tensor, batch) -> torch.Tensor:
@@ -135,11 +131,11 @@ class DecodeRegions:
         entry_pages = page_table = entry_ok = index_pages = None
         if attn.compressor is not None:
             rate = attn.compressor.rate
-            self._compress(attn.compressor, meta.compressor(layer_id, "comp", rate), comp[0], comp[1],
-                           dense.compress_inv_freq)
+            attn.compressor.push_pooled(comp[0], comp[1], dense.compress_inv_freq,
+                                                meta.compressor(layer_id, "comp", rate), self.compress)
             if indexer is not None:
-                self._compress(indexer.compressor, meta.compressor(layer_id, "index", rate), comp[2], comp[3],
-                               dense.compress_inv_freq)
+                indexer.compressor.push_pooled(comp[2], comp[3], dense.compress_inv_freq,
+                                                       meta.compressor(layer_id, "index", rate), self.compress)
             if meta.max_entries[rate]:
                 entry_pages, page_table, entry_ok = meta.pool.pages[(layer_id, "comp")], meta.page_table[rate], \
                     meta.entry_ok[rate]
@@ -148,15 +144,6 @@ class DecodeRegions:
         return self.attn_out(q, kv, meta.pool.rings[layer_id], meta.slot_ids, meta.ring_rows, meta.window_ok,
                              entry_pages, page_table, entry_ok, index_pages, idx_q, idx_w, attn.attn_sink, cs,
                              attn.wo_a.weight, attn.wo_b.weight, h, post, comb, cfg.o_groups, cfg.index_topk)
-
-    def _compress(self, comp, p, kv, gate, inv_freq) -> None:
-        if p.completes is not None and not p.completes:   # no window completes: the tail writes only
-            p.tail_kv[p.slot_ids, p.tail_rows] = kv
-            p.tail_gate[p.slot_ids, p.tail_rows] = gate
-            return
-        self.compress(kv, gate, p.tail_kv, p.tail_gate, p.overlap_kv, p.overlap_gate, p.entry_pages_store,
-                      p.slot_ids, p.tail_rows, p.complete_slot_ids, p.entry_positions, p.entry_page_ids,
-                      p.entry_rows, p.complete_mask, comp.ape, comp.norm.weight, inv_freq, comp.dim, comp.norm.eps)
 
     def moe_begin(self, dense, layer_id: int, h: torch.Tensor, batch) -> tuple:
         """DenseModel.moe_begin's (x, expert_ids, weights, post, comb) of a decode-only pooled step."""

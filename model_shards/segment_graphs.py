@@ -79,9 +79,7 @@ class SegmentGraphs:
         """Make (capture) the sets of `cuda_graph.warm_up_keys` for every micro-batch now: what
         their segments compile is compiled at load, not in the middle of serving."""
         keys = warm_up_keys(self.dense, self.buckets, num_entries)
-        if self.dense.state_pool.generation != self._generation:
-            self._sets.clear()
-            self._generation = self.dense.state_pool.generation
+        self._drop_stale_sets()
         for m in range(num_micro_batches):
             for rows, pages in keys:
                 key = (m, rows, tuple(sorted(pages.items())))
@@ -100,9 +98,7 @@ class SegmentGraphs:
             raise ValueError("SegmentGraphs.begin takes one new token for each of 1..max_batch pooled states")
         pool = self.dense.state_pool
         plans = [plan_fixed_step(self.dense, states, ids, self.buckets) for states, ids in micro_batches]
-        if pool.generation != self._generation:
-            self._sets.clear()            # buffers moved: every captured address is stale
-            self._generation = pool.generation
+        self._drop_stale_sets()
         steps = []
         for m, ((states, _), (plan, ids, key)) in enumerate(zip(micro_batches, plans)):
             seg = self._sets.get((m, *key))
@@ -113,6 +109,12 @@ class SegmentGraphs:
         if pool.generation != self._generation:   # capturing a set reserved the pad slot / scratch pages
             raise RuntimeError("the StatePool grew while graph sets were made; reserve() it before serving")
         return steps
+
+    def _drop_stale_sets(self) -> None:
+        pool = self.dense.state_pool
+        if pool.generation != self._generation:
+            self._sets.clear()            # buffers moved: every captured address is stale
+            self._generation = pool.generation
 
     def layer(self, step: SegmentStep, layer_id: int, routed: torch.Tensor | None):
         """Replay layer(layer_id) after copying the previous layer's routed output [n, hidden] in;

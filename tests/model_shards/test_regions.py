@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from factories import pooled_copies, random_ids, random_model, tiny_config
+from factories import pooled_copies, random_ids, random_model, rel_err, tiny_config
 from model_shards import SequenceState
 from model_shards.cuda_graph import DecodeGraphs
 from model_shards.fused import Compiled
@@ -20,10 +20,6 @@ from model_shards.state_pool import StatePool
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     return random_model(tmp_path_factory.mktemp("regions"), tiny_config(), seed=21)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def assert_same_states(got: list[SequenceState], want: list[SequenceState], tol: float) -> None:
