@@ -44,6 +44,8 @@ def make_router(path: str, micro_batches: int, graphs: bool, is_captured: bool =
     if is_regions:   # compiled decode regions inside the segments (model_shards.regions)
         from model_shards.regions import DecodeRegions
         dense.regions = DecodeRegions()
+    if graphs and is_captured:   # as actors.launch does: what the segments compile, compiled before timing
+        router.graphs.warm_up(micro_batches, cfg.index_topk + 1)
     return router
 
 

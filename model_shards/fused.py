@@ -23,6 +23,7 @@ Owns: the compiled function (one per ExpertBank that holds it).
 from __future__ import annotations
 
 import inspect
+import types
 import warnings
 
 import torch
@@ -93,11 +94,24 @@ def call_compiled(compiled, args: tuple, max_recompiles: int):
                 return compiled(*args)
 
 
+def private_copy(fn):
+    """`fn` as a new function over a copy of its code object. Dynamo keys its cache and its
+    recompile count on the code object, so every `Compiled` of the same function would otherwise
+    share one cache, and its different uses (say three compressor kinds, each with a one-row and a
+    many-row variant) would add up to dynamo's recompile limit and its warnings."""
+    if not isinstance(fn, types.FunctionType):
+        return fn
+    copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__, copy.__qualname__ = fn.__kwdefaults__, fn.__qualname__
+    return copy
+
+
 class Compiled:
     """`fn` through torch.compile (one graph, fullgraph), built on first call; shared by the
     compiled decode paths (regions.DecodeRegions). If compiling fails (no C++ compiler / Triton, an
     unsupported op) it warns once and calls `fn` eagerly from then on: slower, never wrong.
-    Runs under no_grad (inference only: one grad mode, fewer recompiles)."""
+    Runs under no_grad (inference only: one grad mode, fewer recompiles). Each Compiled has its own
+    dynamo cache (`private_copy`)."""
 
     MAX_RECOMPILES = 32
 
@@ -117,7 +131,8 @@ class Compiled:
         if not self.is_compiled:
             return self.fn(*args)
         if self._compiled is None:
-            self._compiled = torch.compile(self.fn, dynamic=None if self._dynamic_at else True, fullgraph=True)
+            self._compiled = torch.compile(private_copy(self.fn), dynamic=None if self._dynamic_at else True,
+                                           fullgraph=True)
         if self._dynamic_at:
             for i, dims in self._dynamic_at:
                 if args[i] is not None:

@@ -107,14 +107,23 @@ class DecodeRegions:
         # the arguments whose sizes vary between steps (rows, slots, pages, page-table widths): dim 0
         # unless said; everything else (weights, constants) is compiled static
         self.attn_in = wrap(attn_in, _dims("h cs idx_cs"))
-        self.compress = wrap(pool_pushed, _dims("kv gate tail_kv tail_gate overlap_kv overlap_gate pages slot_ids "
-                                                "tail_rows complete_slot_ids entry_positions entry_page_ids "
-                                                "entry_rows complete_mask"))
+        self._wrap = wrap
+        self._compress: dict[tuple, object] = {}    # one per compressor kind: `compress`
         self.attn_out = wrap(attn_out, {**_dims("q kv ring slot_ids ring_rows window_ok entry_pages index_pages idx_q "
                                                 "idx_w cs h post comb"), "page_table": (0, 1), "entry_ok": (0, 1)})
         self.moe_in = wrap(moe_in, _dims("h token_ids"))
         self.moe_out = wrap(moe_out, _dims("routed shared x h post comb"))
         self.shared = wrap(shared_expert, _dims("x"))
+
+    def compress(self, compressor):
+        """The pooling region of this compressor's kind (rate, width, overlap): each kind compiles
+        its own graphs, so that no kind's variants count against another's recompile limit."""
+        kind = (compressor.rate, compressor.dim, compressor.is_overlapping)
+        if kind not in self._compress:
+            self._compress[kind] = self._wrap(pool_pushed, _dims(
+                "kv gate tail_kv tail_gate overlap_kv overlap_gate pages slot_ids tail_rows complete_slot_ids "
+                "entry_positions entry_page_ids entry_rows complete_mask"))
+        return self._compress[kind]
 
     # ---- a layer's pieces, as DenseModel calls them (the arguments come from its modules) ----
     def attention(self, dense, layer_id: int, h: torch.Tensor, batch) -> torch.Tensor:
@@ -132,10 +141,11 @@ class DecodeRegions:
         if attn.compressor is not None:
             rate = attn.compressor.rate
             attn.compressor.push_pooled(comp[0], comp[1], dense.compress_inv_freq,
-                                                meta.compressor(layer_id, "comp", rate), self.compress)
+                                        meta.compressor(layer_id, "comp", rate), self.compress(attn.compressor))
             if indexer is not None:
                 indexer.compressor.push_pooled(comp[2], comp[3], dense.compress_inv_freq,
-                                                       meta.compressor(layer_id, "index", rate), self.compress)
+                                                meta.compressor(layer_id, "index", rate),
+                                                self.compress(indexer.compressor))
             if meta.max_entries[rate]:
                 entry_pages, page_table, entry_ok = meta.pool.pages[(layer_id, "comp")], meta.page_table[rate], \
                     meta.entry_ok[rate]

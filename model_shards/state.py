@@ -15,6 +15,8 @@ Per layer (DESIGN.md §2):
 Export names (the KV service stores these): "num_tokens" (int64 scalar) and per layer i
 "{i}.window", "{i}.comp.{entries,tail_kv,tail_gate[,overlap_kv,overlap_gate]}",
 "{i}.index.{entries,tail_kv,tail_gate,overlap_kv,overlap_gate}".
+
+`SequenceState.load`'s copies (row blocks, byte blocks, the window) are in state_load.py.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from typing import Any
 import torch
 
 from .config import CSA, HCA, SLIDING, ModelConfig
+from .state_load import RowSink, block_rows, load_window
+
 
 
 class CompressorState:
@@ -126,27 +130,43 @@ class CompressorState:
         """Pooled append: one copy per run of consecutive page ids."""
         end = self.num_entries + new.shape[0]
         self.reserve_entries(end)
-        _RowSink(self, end).append(new)
+        RowSink(self, end).append(new)
 
-    def entry_rows(self, start: int, end: int) -> list[tuple[int, torch.Tensor]]:
+    def entry_rows(self, start: int, end: int, page_runs: list[tuple[int, int, int]] | None = None
+                   ) -> list[tuple[int, torch.Tensor]]:
         """Where entries [start, end) live, reserved (`reserve_entries`): [(first entry, rows
         view [n, dim])], one view per run of consecutive pages (one in all unless pooled pages
-        are scattered). Valid until the storage grows (the next reserve past the capacity)."""
+        are scattered). Valid until the storage grows (the next reserve past the capacity).
+        `page_runs`: this range's `page_runs` if known (every compressor of a rate shares them)."""
         if self._paged is None:
             return [(start, self._entries[start:end])] if end > start else []
         pool, key, pages = self._paged
         store = pool.pages[key]                 # [num_pages, page_size, dim]
-        page_size = store.shape[1]
+        rows = store.view(-1, self.dim)
+        if page_runs is None:
+            page_runs = self.page_runs(start, end)
+        return [(row, rows[at: at + run_end - row]) for row, run_end, at in page_runs]
+
+    def page_runs(self, start: int, end: int) -> list[tuple[int, int, int]]:
+        """Pooled: entries [start, end) as runs of consecutive pages, [(first entry, end entry,
+        the first entry's row in the page store)] (the same for every compressor of the rate)."""
+        pool, _, pages = self._paged
+        page_size = pool.page_size
         out = []
         row = start
         while row < end:
-            first = last = row // page_size     # the run: pages[first..last] hold consecutive ids
+            first = row // page_size     # the run: pages[first..last] hold consecutive ids
             end_page = (end - 1) // page_size
-            while last < end_page and pages[last + 1] == pages[last] + 1:
-                last += 1
+            count = end_page - first + 1
+            if pages[end_page] - pages[first] == count - 1 and pages[first:end_page + 1] == list(
+                    range(pages[first], pages[first] + count)):
+                last = end_page           # (the common case: one run to the end, checked in C)
+            else:
+                last = first
+                while last < end_page and pages[last + 1] == pages[last] + 1:
+                    last += 1
             run_end = min(end, (last + 1) * page_size)
-            rows = store[pages[first]: pages[last] + 1].view(-1, self.dim)
-            out.append((row, rows[row - first * page_size: run_end - first * page_size]))
+            out.append((row, run_end, pages[first] * page_size + row - first * page_size))
             row = run_end
         return out
 
@@ -180,10 +200,10 @@ class CompressorState:
         blocks = t[key]
         if isinstance(blocks, torch.Tensor):
             blocks = [get("entries", (n, self.dim))]
-        elif not isinstance(blocks, (list, tuple)) or not all(isinstance(b, torch.Tensor) for b in blocks):
-            raise TypeError(f"state tensor {key!r} must be a tensor or a list of row-block tensors")
-        elif any(b.dim() != 2 or b.shape[1] != self.dim for b in blocks) or sum(b.shape[0] for b in blocks) != n:
-            shapes = [tuple(b.shape) for b in blocks]
+        elif not isinstance(blocks, (list, tuple)):
+            raise TypeError(f"state tensor {key!r} must be a tensor or a list of row blocks")
+        elif block_rows(blocks, self.dim, key) != n:
+            shapes = [tuple(b.shape) if isinstance(b, torch.Tensor) else b[2] for b in blocks]
             raise ValueError(f"state tensor {key!r}: row blocks {shapes} do not make ({n}, {self.dim})")
         parts = {"entries": list(blocks), "tail_kv": get("tail_kv", (r, self.in_dim)),
                  "tail_gate": get("tail_gate", (r, self.in_dim))}
@@ -216,29 +236,6 @@ class CompressorState:
         c._tail_kv, c._tail_gate = self._tail_kv.clone(), self._tail_gate.clone()
         c._overlap_kv, c._overlap_gate = self._overlap_kv.clone(), self._overlap_gate.clone()
         return c
-
-
-class _RowSink:
-    """Appends the row blocks of one `SequenceState.load` to a compressor whose entries are
-    reserved: the destination views are computed once (`entry_rows`), each block is one copy
-    (two where it straddles two runs of scattered pages)."""
-
-    def __init__(self, cs: CompressorState, num_entries: int):
-        self.cs = cs
-        self.runs = cs.entry_rows(cs.num_entries, num_entries)   # [(first entry, rows view)]
-        self.run_id = 0
-
-    def append(self, block: torch.Tensor) -> None:
-        cs, done, n = self.cs, 0, block.shape[0]
-        while done < n:
-            first, rows = self.runs[self.run_id]
-            offset = cs.num_entries - first
-            take = min(n - done, rows.shape[0] - offset)
-            rows[offset: offset + take].copy_(block[done: done + take] if take < n else block)
-            cs.num_entries += take
-            done += take
-            if offset + take == rows.shape[0]:
-                self.run_id += 1
 
 
 class LayerState:
@@ -359,8 +356,11 @@ class SequenceState:
     def load(self, tensors: dict, *, before_block: Callable[[int], None] | None = None) -> None:
         """Overwrite this (fresh) state with `export()` output, in place (a pooled state keeps its slot).
 
-        Each "*.entries" value is one tensor or a list of row blocks that concatenate to it; each
-        block is copied once, straight into place (a pooled state's pages). Blocks go in block
+        Each "*.entries" value is one tensor or a list of row blocks that concatenate to it (a
+        block: a [rows, dim] tensor, or `state_load.ByteRows`, its bytes as a uint8 numpy array: the KV
+        cache's restore passes those, and one of the state's dtype going to CPU memory is one
+        numpy byte copy, no tensor built); each block is copied once, straight into place (a
+        pooled state's pages, the destination views made once per load). Blocks go in block
         order: block j of every entries tensor before block j+1 of any, and `before_block(j)`
         runs right before block j's copies (a caller whose block j of every tensor comes from
         one source, e.g. a cache record, can verify that source there and the copies then read
@@ -383,13 +383,23 @@ class SequenceState:
         if any(cs.num_entries for cs, _ in comps):
             raise ValueError("load() needs a fresh state")
         for i, layer in enumerate(self.layers):
-            layer.set_window(tensors[f"{i}.window"].to(dtype=self.dtype, device=self.device), n)
+            load_window(layer, tensors[f"{i}.window"], n)
         for cs, parts in comps:
             cs.set_fixed(parts)
             cs.reserve_entries(n // cs.rate)
         # every compressor reserved first: a page growth re-allocates the pages of its whole rate
-        sinks = [(_RowSink(cs, n // cs.rate), parts["entries"]) for cs, parts in comps]
-        for j in range(max((len(blocks) for _, blocks in sinks), default=0)):
+        page_runs: dict[int, list] = {}   # id(page list) -> its runs (shared by a rate's compressors)
+        sinks = []
+        for cs, parts in comps:
+            runs = None
+            if cs._paged is not None:
+                pages = cs._paged[2]
+                runs = page_runs.get(id(pages))
+                if runs is None:
+                    runs = page_runs[id(pages)] = cs.page_runs(0, n // cs.rate)
+            sinks.append((RowSink(cs, n // cs.rate, cs.entry_rows(0, n // cs.rate, runs)), parts["entries"]))
+        num_blocks = max((len(blocks) for _, blocks in sinks), default=0)
+        for j in range(num_blocks):
             if before_block is not None:
                 before_block(j)
             for sink, blocks in sinks:

@@ -127,10 +127,17 @@ class StatePool:
     # ---- entry pages ----------------------------------------------------------------------------
     def ensure_pages(self, pages: list[int], rate: int, num_entries: int) -> None:
         """Grow a sequence's page list (shared by its compressors of `rate`) to hold num_entries."""
-        while len(pages) * self.page_size < num_entries:
-            if not self._free_pages[rate]:
+        need = -(-num_entries // self.page_size) - len(pages)
+        while need > 0:   # (the pages `pop()` would take one by one, taken as one slice)
+            free = self._free_pages[rate]
+            if not free:
                 self._grow_pages(rate, 2 * self.num_pages[rate])
-            pages.append(self._free_pages[rate].pop())
+                continue
+            taken = free[len(free) - min(need, len(free)):]
+            del free[len(free) - len(taken):]
+            taken.reverse()
+            pages += taken
+            need -= len(taken)
 
     def read_entries(self, key: tuple[int, str], pages: list[int], num_entries: int) -> torch.Tensor:
         """[num_entries, dim] gathered from the pages (a copy)."""

@@ -142,6 +142,21 @@ def test_bad_arguments_raise_and_keep_the_region_compiled():
     assert fn.is_compiled
 
 
+def _scaled(x: torch.Tensor, k: int = 2) -> torch.Tensor:
+    return x * k
+
+
+def test_each_compiled_function_has_its_own_dynamo_cache():
+    from torch._dynamo.utils import counters
+    first, second = Compiled(_scaled), Compiled(_scaled)
+    x = torch.arange(4.0)
+    before = counters["stats"]["unique_graphs"]
+    assert torch.equal(first(x), x * 2)
+    assert torch.equal(second(x), x * 2)   # same function, same shapes: compiled again, into its own cache
+    assert counters["stats"]["unique_graphs"] - before == 2
+    assert torch.equal(first(x), x * 2) and counters["stats"]["unique_graphs"] - before == 2
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_captured_region_steps_on_cuda(tmp_path):
     """Graphs captured with compiled regions (Triton kernels inside the graph): a replay is
