@@ -30,6 +30,9 @@ Arguments:
     dtype, device        weights dtype; the router's device (default: cuda if this process sees a
                          GPU, then each shard gets one GPU and the group uses NCCL; else cpu/gloo)
     collective_timeout_s bound on one collective wait: a hung shard fails the step after this
+    same_node_links      CPU (gloo) only: shards on this machine also get a Unix-socket link that
+                         carries the decode-sized messages (actors/transport/links.py); False: the
+                         torch.distributed group carries everything (as across machines)
     max_restarts         Ray restarts of a dead shard (it reloads its experts)
 Failure: a shard that dies during a step makes that step raise ShardError (milliseconds for a
 dead process; collective_timeout_s for a hung one); the next step waits for the restart and
@@ -160,7 +163,7 @@ def launch(checkpoint_dir: str, num_expert_shards: int = 2, micro_batches: int =
            shard_resources: list[dict] | None = None, cpus_per_shard: float = 1.0,
            collective_timeout_s: float = 20.0, restart_timeout_s: float = 120.0, max_restarts: int = 3,
            placement_timeout_s: float = 60.0, cuda_graphs: bool = True, max_graph_batch: int = 256,
-           compiled_decode: bool = False) -> EPRunner:
+           compiled_decode: bool = False, same_node_links: bool = True) -> EPRunner:
     """Start N ExpertShard actors and a router in this process; see the module docstring.
     `compiled_decode`: the router's decode steps run its layers as compiled regions
     (model_shards.regions; inside the graph segments on a GPU)."""
@@ -205,7 +208,7 @@ def launch(checkpoint_dir: str, num_expert_shards: int = 2, micro_batches: int =
     transports = {
         "collective": CollectiveTransport(shards, owner, cfg.hidden_size, cfg.num_experts_per_tok, dtype, dev,
                                           "nccl" if is_gpu else "gloo", node_ip(), collective_timeout_s,
-                                          restart_timeout_s),
+                                          restart_timeout_s, same_node_links),
         "ray": RayTransport(shards, owner, cfg.hidden_size, dtype, dev, collective_timeout_s, restart_timeout_s),
     }
     graphs = None

@@ -14,8 +14,10 @@ import torch
 
 # ---- router <-> shards ---------------------------------------------------------------------------
 # Control plane (Ray calls): ShardSpec -> ExpertShard.__init__, ShardInfo <- ready() / info(),
-# GroupSpec -> join_group(), StepPlan -> run_step() -> StepReport, LayerRequest -> compute() -> LayerResult.
-# Data plane (torch.distributed, one group per generation): see actors/transport/wire.py.
+# GroupSpec -> join_group() -> GroupJoined, StepPlan -> run_step() -> StepReport,
+# LayerRequest -> compute() -> LayerResult.
+# Data plane (torch.distributed, one group per generation, plus same-node links): see
+# actors/transport/wire.py and actors/transport/links.py.
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,16 @@ class GroupSpec:
     rank: int
     backend: str                  # "gloo" or "nccl"
     timeout_s: float              # per collective operation; bounds how long a lost peer can stall us
+    link_name: str = ""           # same-node link listener of the router (actors/transport/links.py); "": none
+    link_budget: int = 0          # bytes a link may hold unread per direction (Wire.link_micro_batches)
+
+
+@dataclass(frozen=True)
+class GroupJoined:
+    """join_group()'s answer: the generation joined, and whether the shard also connected the
+    router's same-node link (then the link carries its small messages; else gloo carries all)."""
+    generation: int
+    is_linked: bool = False
 
 
 @dataclass(frozen=True)
@@ -80,6 +92,7 @@ class StepReport:
     compute_s: float              # time in ExpertBank.forward
     wait_s: float                 # time blocked waiting for dispatch messages
     is_aborted: bool = False      # the router aborted the step (another shard failed or the router raised)
+    num_link_messages: int = 0    # dispatch messages that came over the same-node link (the rest: the group)
 
 
 @dataclass

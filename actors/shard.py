@@ -3,15 +3,17 @@
 Owns: one ExpertBank (the experts in ShardSpec.expert_ids, read from the checkpoint and nothing
 else: the loader reads only those experts' tensors, memory-mapped, and the reader is dropped after
 loading so no other bytes stay mapped) and this process's membership of the router's
-torch.distributed group (one generation at a time).
+torch.distributed group (one generation at a time), with its same-node link to the router when
+it has one (actors/transport/links.py).
 
 Calls (all typed, actors/messages.py):
     ready() / info() -> ShardInfo     health + identity; runs in its own thread ("control"), so it
                                       answers while a step runs; after a restart it answers only
                                       once __init__ has reloaded the experts
-    join_group(GroupSpec) -> int      leave the old generation, join the new one
+    join_group(GroupSpec) -> GroupJoined   leave the old generation, join the new one (and connect
+                                      the router's same-node link when GroupSpec names one)
     run_step(StepPlan) -> StepReport  collective transport: the step's only Ray call; loops on the
-                                      group for layers x micro-batches messages
+                                      group (and link) for layers x micro-batches messages
     compute(LayerRequest) -> LayerResult   Ray transport: one layer's share per call
     debug_fail_computes(n)            test hook: the next n expert computations raise
 Helpers for the router side: wait_ready() (retries while Ray restarts an actor), shards_alive().
@@ -35,7 +37,9 @@ from model_shards import ModelConfig
 from model_shards.checkpoint import CheckpointReader
 from model_shards.loading import load_experts
 
-from .messages import GroupSpec, LayerRequest, LayerResult, ShardError, ShardInfo, ShardSpec, StepPlan, StepReport
+from .messages import (GroupJoined, GroupSpec, LayerRequest, LayerResult, ShardError, ShardInfo, ShardSpec, StepPlan,
+                       StepReport)
+from .transport import links
 from .transport.group import Group
 from .transport.wire import Wire
 
@@ -110,6 +114,7 @@ class ExpertShard:
         self.load_s = time.perf_counter() - t0
         self.rss_after = _rss()
         self.group: Group | None = None
+        self.link: links.Link | None = None
         self.wire: Wire | None = None
         self._num_faults = 0
         with warnings.catch_warnings():  # the property reads a deprecated field internally (Ray 2.60)
@@ -145,43 +150,71 @@ class ExpertShard:
             raise RuntimeError(f"injected fault in expert shard {self.spec.shard_id} (debug_fail_computes)")
         return self.bank(layer_id, x, expert_ids, weights)
 
-    def join_group(self, spec: GroupSpec) -> int:
-        if self.group is not None:
-            self.group.close()
-            self.group, self.wire = None, None
+    def join_group(self, spec: GroupSpec) -> GroupJoined:
+        self._leave_group()
         # A shard's wait for the next dispatch includes the router's compute and its waits on the
         # other shards (each bounded by spec.timeout_s), so the shard side gets a longer bound: the
         # router, not a bystander shard, is the one to time out on a hung peer.
-        self.group = Group(dataclasses.replace(spec, timeout_s=2 * spec.timeout_s + 10), self.node_ip, self.device)
+        timeout_s = 2 * spec.timeout_s + 10
+        self.group = Group(dataclasses.replace(spec, timeout_s=timeout_s), self.node_ip, self.device)
+        if spec.backend == "gloo" and self.device.type == "cpu":   # the router is reachable by a Unix socket?
+            self.link = links.connect(spec.link_name, spec.rank, spec.generation, spec.link_budget, timeout_s)
         self.wire = Wire(self.group.pg, spec.backend, self.device, self.dtype, self.cfg.hidden_size,
-                         self.cfg.num_experts_per_tok)
-        return spec.generation
+                         self.cfg.num_experts_per_tok, spec.link_budget if self.link is not None else 0)
+        return GroupJoined(spec.generation, self.link is not None)
+
+    def _leave_group(self) -> None:
+        if self.link is not None:
+            self.link.close()
+            self.link = None
+        if self.group is not None:
+            self.group.close()
+            self.group, self.wire = None, None
 
     # ---- collective transport ----------------------------------------------------------------
     @torch.no_grad()
     def run_step(self, plan: StepPlan) -> StepReport:
+        """Messages in plan order (layer-major, micro-batches in order). A micro-batch that
+        Wire.link_micro_batches puts on the link is read from it synchronously; the others come over
+        the group, whose next recv is posted early (gloo: as soon as the previous one arrived, so
+        the router's send goes straight through; nccl: after our previous send, see below)."""
         if self.group is None or plan.generation != self.group.generation:
             raise RuntimeError(f"shard {self.spec.shard_id} is in group generation "
                                f"{None if self.group is None else self.group.generation}, the step expects "
                                f"{plan.generation} (the router rebuilds the group)")
-        wire, caps = self.wire, plan.micro_batch_tokens
+        wire, link, caps = self.wire, self.link, plan.micro_batch_tokens
+        on_link = wire.link_micro_batches(caps) if link is not None else (False,) * len(caps)
         order = [(layer, m) for layer in plan.layer_ids for m in range(len(caps))]
-        num_rows, compute_s, wait_s = 0, 0.0, 0.0
+        group_msgs = [i for i, (_, m) in enumerate(order) if not on_link[m]]   # indexes that come over the group
+        num_rows, num_linked, compute_s, wait_s = 0, 0, 0.0, 0.0
         sends, error, msg = [], None, ()
-        recv = wire.post_dispatch(0, caps[order[0][1]]) if order else None
-        for i, (layer, m) in enumerate(order):
+        num_posted = 0          # group recvs posted so far (group_msgs[:num_posted])
+        recv = None
+
+        def post_next_group_recv():
+            nonlocal recv, num_posted
+            if num_posted < len(group_msgs):
+                recv = wire.post_dispatch(0, caps[order[group_msgs[num_posted]][1]])
+                num_posted += 1
+
+        post_next_group_recv()
+        for layer, m in order:
+            is_linked = on_link[m]
             t0 = time.perf_counter()
-            msg = recv.wait()
+            if is_linked:
+                msg = wire.recv_dispatch(link, caps[m])
+                num_linked += 1
+            else:
+                msg = recv.wait()
             wait_s += time.perf_counter() - t0
             if msg is None:  # ABORT: the router gave up on this step
                 break
-            is_last = i + 1 == len(order)
-            if not is_last and wire.is_sized_recv:  # gloo: pre-post the next recv so the router's send goes straight through
-                recv = wire.post_dispatch(0, caps[order[i + 1][1]])
+            if not is_linked and wire.is_sized_recv:  # gloo: post the next recv now (sends go straight in)
+                post_next_group_recv()
             x, expert_ids, weights = msg                 # [n, hidden], [n, k], [n, k]
             if not x.shape[0]:
-                if not is_last and not wire.is_sized_recv:
-                    recv = wire.post_dispatch(0, caps[order[i + 1][1]])
+                if not is_linked and not wire.is_sized_recv:
+                    post_next_group_recv()
                 continue
             t0 = time.perf_counter()
             if error is None:
@@ -192,17 +225,21 @@ class ExpertShard:
             if error is not None:
                 out = torch.full((x.shape[0], x.shape[1]), float("nan"), dtype=self.dtype, device=self.device)
             compute_s += time.perf_counter() - t0
-            sends.append(wire.send_combine(0, out))
+            if is_linked:
+                wire.send_combine(0, out, link)
+            else:
+                sends.append(wire.send_combine(0, out))
             num_rows += x.shape[0]
-            if not is_last and not wire.is_sized_recv:
+            if not is_linked and not wire.is_sized_recv:
                 # nccl: one stream per peer pair runs our ops in issue order, so the next recv goes
                 # after this send (posted before it, it would block the send the router waits for)
-                recv = wire.post_dispatch(0, caps[order[i + 1][1]])
+                post_next_group_recv()
         for work, _ in sends:
             work.wait()
         if error is not None:
             raise error
-        return StepReport(self.spec.shard_id, plan.step_id, num_rows, compute_s, wait_s, is_aborted=msg is None)
+        return StepReport(self.spec.shard_id, plan.step_id, num_rows, compute_s, wait_s, is_aborted=msg is None,
+                          num_link_messages=num_linked)
 
     # ---- Ray transport -----------------------------------------------------------------------
     @torch.no_grad()

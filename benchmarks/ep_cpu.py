@@ -2,7 +2,7 @@
 and decode step time of router + 2 shards vs the single-process model.
 
     python benchmarks/ep_cpu.py [--preset small] [--shards 2] [--layers 64] [--iters 5] [--no-append]
-                                [--prefill-tokens 2048] [--skip-overhead] [--skip-decode]
+                                [--prefill-tokens 2048] [--skip-overhead] [--skip-decode] [--no-links]
 
 1. Overhead: router + N shards of a checkpoint shaped like the preset but with 8-wide experts
    (moe_intermediate_size=8: the wire carries the same rows, the experts cost ~nothing, so the
@@ -16,6 +16,9 @@ and decode step time of router + 2 shards vs the single-process model.
 3. Prefill overlap: one --prefill-tokens prompt (default 2048) in one step, router + N shards,
    collective, micro_batches 1 vs 2 (M=2 cuts the prompt inside the sequence: two halves);
    best of --prefill-repeats steps each, the two settings alternating. Speedup = M1 time / M2 time.
+The collective transport uses its same-node links (actors/transport/links.py) for the decode-sized
+messages, as it does by default; --no-links measures the torch.distributed (gloo) path alone, the
+one shards on other machines use.
 Targets (issue #3): collective overhead <= 1 ms per layer here, and >= 5x below the Ray transport.
 Prints JSON and appends it to benchmarks/RESULTS.md.
 """
@@ -139,6 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--skip-overhead", action="store_true", help="skip part 1 (transport overhead)")
     p.add_argument("--skip-decode", action="store_true", help="skip part 2 (decode steps)")
     p.add_argument("--no-append", action="store_true", help="print only; do not append to RESULTS.md")
+    p.add_argument("--no-links", action="store_true", help="collective: no same-node links (gloo carries all)")
     args = p.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
 
@@ -163,17 +167,20 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {"preset": args.preset, "num_shards": args.shards, "hidden": cfg.hidden_size,
                     "num_layers": cfg.num_layers, "experts": cfg.n_routed_experts, "top_k": cfg.num_experts_per_tok,
                     "threads": {"router": 1, "each_shard": 1, "single_process": cores}, "load_avg_1m_at_start": round(os.getloadavg()[0], 2),
+                    "same_node_links": not args.no_links, "linked_shards": {},
                     "overhead_per_layer": {}, "decode_step_ms": {}, "prefill": {}}
     try:
         torch.set_num_threads(1)
         if not args.skip_overhead:
-            runner = launch(thin, num_expert_shards=args.shards, transport="collective")
+            runner = launch(thin, num_expert_shards=args.shards, transport="collective",
+                            same_node_links=not args.no_links)
             try:
                 for b in batches:
                     result["overhead_per_layer"][f"batch_{b}"] = overhead(runner, b, args.layers, args.iters)
+                result["linked_shards"]["overhead"] = runner.transports["collective"].num_links
             finally:
                 runner.shutdown()
-        runner = launch(tmp, num_expert_shards=args.shards, transport="collective")
+        runner = launch(tmp, num_expert_shards=args.shards, transport="collective", same_node_links=not args.no_links)
         try:
             if args.prefill_tokens:
                 result["prefill"] = prefill_overlap(runner, args.prefill_tokens, args.prefill_repeats, cfg.vocab_size)
@@ -185,6 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
                     runner.micro_batches = mb
                     row[name] = decode_ms(runner.new_state, runner.step, b, args.decode_steps, cfg.vocab_size)
                 result["decode_step_ms"][f"batch_{b}"] = row
+            result["linked_shards"]["model"] = runner.transports["collective"].num_links
         finally:
             runner.shutdown()
         torch.set_num_threads(cores)

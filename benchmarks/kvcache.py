@@ -17,7 +17,11 @@ timings are the best of several runs except the cold 32K prefill (one run). Sect
   MGETs on a socket read with ``recv_into`` into a reused buffer (no parsing), and plain
   reads of the segment files that hold them (page cache warm for both): ``read()`` into a new
   buffer, and ``readinto()`` a buffer reused across runs (warm memory, like the restore's
-  pooled output; see READING_NOTES). "Ours" is what `resume()` does: the deferred lookup
+  pooled output; see READING_NOTES). Disk also from a cold page cache ("disk (cold)" rows):
+  before every timed run of the restore and of ``read()`` the segment files are evicted
+  (the restore's own mapped pages released, then fsync + ``POSIX_FADV_DONTNEED``; mincore
+  checks it, `resident_after_evict`), so both read the same bytes from the device; the process
+  stays warm (its parse cache, pools and open segment maps). "Ours" is what `resume()` does: the deferred lookup
   (hashing the tokens, index reads, fetch, parse) and the import into a state of the preset's
   model (``model.new_state()`` from its StatePool, then the load: each record's checksum pass,
   then its rows copied once, straight into the pool's pages); the state is checked bitwise.
@@ -62,6 +66,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import append_results  # noqa: E402
 from kvcache import checksum, footprint  # noqa: E402
 from kvcache.redis_tier import make_client  # noqa: E402
+from kvcache.segments import evict_file, page_cache_fraction  # noqa: E402
 from kvcache.resume import decode, import_state, prefill, prompt_checkpoints, resume  # noqa: E402
 from kvcache.service import KVCacheService  # noqa: E402
 from kvcache.synthetic import SyntheticLayout, synthetic_state  # noqa: E402
@@ -88,7 +93,16 @@ READING_NOTES = (
     "deferred restore (kvcache/restore.py) the restore rows time lookup + import into the model's pooled state "
     "(the copy moved from the lookup into the state load, so the import is timed too): per byte one checksum "
     "read and one copy into the pool's pages; at tiny 64K those two alone (~0.5 + ~0.6-0.9 ms, torch copy) "
-    "already take longer than the raw read (~0.6-0.8 ms), so ratios there stay well below 0.7.")
+    "already take longer than the raw read (~0.6-0.8 ms), so ratios there stay well below 0.7. The \"disk (cold)\" "
+    "rows read the same bytes from the device: before every timed run of the restore (ours and eager) and of "
+    "read() the segment files are evicted from memory (the disk tier's own mapped pages released, then fsync + "
+    "POSIX_FADV_DONTNEED; `resident_after_evict` is the largest page-cache fraction mincore saw right after an "
+    "eviction, 0 when it worked); the process stays warm. read() streams the file with the kernel's readahead; "
+    "the restore maps it, and when a probe finds a lookup's records missing from memory kvcache/segments.py reads "
+    "every record's head first, then asks for the records whole in file order from a background thread, while "
+    "the restore decodes, verifies and copies them through the map as they arrive; the disk tier writes a "
+    "segment's records in the order a restore reads them (index, checkpoint, spans head first), so that order is "
+    "the file's. Both wait for the same device, whose speed here varies several-fold from run to run.")
 GB = 1e9
 
 
@@ -106,6 +120,8 @@ class RestoreResult:
     ratio: float | None
     eager_seconds: float       # lookup that assembles the state dict + the same import (actors/' path)
     eager_gbps: float
+    is_cold: bool = False      # disk: the segment files evicted from the page cache before every run (all readers)
+    resident_after_evict: float | None = None  # cold rows: the largest page-cache fraction seen right after an eviction
 
 
 def best(fn, repeats: int) -> tuple[float, object]:
@@ -120,16 +136,29 @@ def best(fn, repeats: int) -> tuple[float, object]:
     return seconds, out
 
 
+class Cold:
+    """A reader timed from a cold start: `prepare` (untimed; e.g. evicting files from the page
+    cache) runs right before each of its timed runs."""
+
+    def __init__(self, fn, prepare):
+        self.fn, self.prepare = fn, prepare
+
+
 def best_interleaved(fns: dict, repeats: int) -> dict[str, tuple[float, object]]:
     """`best` of each of `fns`, their runs interleaved so that load changes hit them alike, and
     in an order that rotates every round: what a run costs depends on whether glibc hands it
     memory the run before it just freed (warm) or fresh pages (faults, ~2-6 us per 4 KiB here),
-    so with a fixed order one reader would always follow the same other reader."""
+    so with a fixed order one reader would always follow the same other reader. A `Cold`
+    reader's `prepare` runs, untimed, before each of its runs."""
     runs = {name: (float("inf"), None) for name in fns}
     names = list(fns)
     for round_id in range(repeats):
         for name in names[round_id % len(names):] + names[:round_id % len(names)]:
-            elapsed, value = best(fns[name], 1)
+            fn = fns[name]
+            if isinstance(fn, Cold):
+                fn.prepare()
+                fn = fn.fn
+            elapsed, value = best(fn, 1)
             if elapsed < runs[name][0]:
                 runs[name] = (elapsed, value)
             del value
@@ -232,6 +261,16 @@ def raw_disk_readers(directory: Path) -> dict:
             f"readinto() of the {len(files)} segment files, reused buffer (warm)": readinto_all}
 
 
+def cold_read_method(directory: Path) -> str:
+    num_files = len(list(directory.glob("*.kvseg")))
+    return f"read() of the {num_files} segment files, page cache evicted before each run (cold)"
+
+
+def resident_fraction(directory: Path) -> float:
+    """The largest page-cache fraction of the segment files (mincore)."""
+    return max((page_cache_fraction(p) for p in directory.glob("*.kvseg")), default=0.0)
+
+
 def preset_model(preset: str, tmp: Path) -> DeepseekV4:
     """A random-weight model of `preset` (the restore times its `new_state()` and state load)."""
     if not (tmp / preset).exists():
@@ -260,6 +299,8 @@ def bench_restore(num_tokens: int, repeats: int, url: str, tmp: Path, preset: st
             with KVCacheService(lay.entry_rates, fingerprint, device_bytes=0, **store) as svc:
                 raws = raw_redis_readers(url, prefix) if tier == "redis" else raw_disk_readers(disk_dir)
                 results += restore_results(svc, model, tier, tokens, state, repeats, raws, preset)
+                if tier == "disk":
+                    results += cold_disk_results(svc, model, tokens, state, repeats, disk_dir, preset)
     finally:
         clear_prefix(url, prefix)
     return results
@@ -294,6 +335,49 @@ def restore_results(svc, model, tier: str, tokens, state, repeats: int, raws: di
                                   raw_gbps and round(gbps / raw_gbps, 3), round(eager_seconds, 4),
                                   round(num_bytes / eager_seconds / GB, 3)))
     return rows
+
+
+def cold_disk_results(svc, model, tokens, state, repeats: int, disk_dir: Path, preset: str) -> list[RestoreResult]:
+    """The disk rows from a cold page cache: before every timed run, of the restore (ours and
+    eager) and of ``read()`` alike, the segment files are evicted (the disk tier's mapped pages
+    released and the files dropped from the page cache: `DiskTier.drop_cached_pages`; the raw
+    read's files the same way: fsync + POSIX_FADV_DONTNEED; all readers get the same eviction)
+    and mincore checks that they left."""
+    disk = svc.stack.tiers[-1]
+    files = sorted(disk_dir.glob("*.kvseg"))
+    resident: list[float] = []
+
+    def drop():  # (the process's own mapped pages too: the kernel does not drop mapped pages)
+        disk.drop_cached_pages()
+        for path in files:
+            evict_file(path)
+        resident.append(resident_fraction(disk_dir))
+
+    def ours():
+        hit = svc.lookup(tokens, is_deferred=True)
+        return hit, import_state(model, hit)
+
+    def eager():
+        hit = svc.lookup(tokens)
+        return hit, import_state(model, hit.state_tensors)
+
+    def read_all():
+        return sum(len(path.read_bytes()) for path in files)
+
+    method = cold_read_method(disk_dir)
+    runs = best_interleaved({"ours": Cold(ours, drop), "eager": Cold(eager, drop), method: Cold(read_all, drop)},
+                            repeats)
+    seconds, (hit, restored) = runs.pop("ours")
+    eager_seconds, (_, eager_restored) = runs.pop("eager")
+    raw_seconds, raw_bytes = runs.pop(method)
+    assert hit.num_cached_tokens == len(tokens) and hit.checkpoint_tier == "disk"
+    assert state_digest(restored.export()) == state_digest(state) == state_digest(eager_restored.export())
+    num_bytes = hit.num_bytes_by_tier["disk"]
+    gbps, raw_gbps = num_bytes / seconds / GB, raw_bytes / raw_seconds / GB
+    return [RestoreResult("disk", preset, len(tokens), hit.num_records_by_tier["disk"], num_bytes,
+                          round(seconds, 4), round(gbps, 3), round(raw_gbps, 3), method,
+                          round(gbps / raw_gbps, 3), round(eager_seconds, 4),
+                          round(num_bytes / eager_seconds / GB, 3), True, round(max(resident), 4))]
 
 
 # -- bytes per token ------------------------------------------------------------------------------
@@ -475,15 +559,16 @@ def restore_table(rows: list[dict]) -> list[str]:
     lines = ["| restore | preset | tokens | records | MB | ours GB/s | raw GB/s | ours / raw | raw | eager GB/s |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
     for r in rows:
-        lines.append(f"| {r['tier']} | {r['preset']} | {r['num_tokens']} | {r['num_records']} | "
+        tier = r["tier"] + (" (cold)" if r.get("is_cold") else "")
+        lines.append(f"| {tier} | {r['preset']} | {r['num_tokens']} | {r['num_records']} | "
                      f"{r['num_bytes'] / 1e6:.1f} | {r['gbps']} | {r['raw_gbps'] or '-'} | {r['ratio'] or '-'} | "
                      f"{r['raw_method'] or '-'} | {r['eager_gbps']} |")
     return lines
 
 
 def restore_targets(restore: list[RestoreResult]) -> dict:
-    return {f"{r.tier} {r.preset} {r.num_tokens} tokens: {r.raw_method}": r.ratio >= 0.7 for r in restore
-            if r.ratio is not None}
+    return {f"{r.tier}{' (cold)' if r.is_cold else ''} {r.preset} {r.num_tokens} tokens: {r.raw_method}":
+            r.ratio >= 0.7 for r in restore if r.ratio is not None}
 
 
 def summary(result: dict) -> str:

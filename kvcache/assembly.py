@@ -6,8 +6,9 @@ and the checkpoint record, it builds either
 - `assemble`: the state dict (``SequenceState.export()`` form), one byte copy of the stored
   tensors into pooled memory, each run's checksum pass (`TierStack.settle`) right before its
   bytes are copied (FP8 storage: dequantized, then concatenated); or
-- `defer`: a `restore.DeferredState` whose entries are row blocks viewing the records, to be
-  verified and copied once straight into the engine's state by `load_into`. The runs are
+- `defer`: a `restore.DeferredState` whose entries are row blocks viewing the records (byte
+  views of decoded records, ``(uint8 array, dtype, shape)``: no tensor is built per block), to
+  be verified and copied once straight into the engine's state by `load_into`. The runs are
   checked (`layout.RunCheck`) from each record's parsed layout before any view is built.
 A run that fails its checksum was deleted from its tier: `CorruptRecord` tells the lookup to ask
 the tiers again for that record.
@@ -48,9 +49,9 @@ class StateAssembler:
         for hit, _, num_used in pieces:
             record = hit.record
             count = check.add(record.specs())
-            views = record.tensor_views(verify=False)  # verified right before their rows are copied
+            views = record.row_blocks(verify=False)  # verified right before their rows are copied
             if record.kind == "span" and count > num_used:  # the blocks the checkpoint needs
-                views = {name: t[:num_used * check.rows_per_block[name]] for name, t in views.items()}
+                views = {name: _leading_rows(v, num_used * check.rows_per_block[name]) for name, v in views.items()}
                 count = num_used
             num_blocks += count
             for name, view in views.items():
@@ -95,6 +96,11 @@ class StateAssembler:
         if layout.state_num_tokens(state) != position:
             raise ValueError(f"checkpoint holds {layout.state_num_tokens(state)} tokens")
         return state
+
+
+def _leading_rows(block, num_rows: int):
+    """The first `num_rows` rows of a row block (a tensor or a byte view)."""
+    return block[:num_rows] if isinstance(block, torch.Tensor) else layout.leading_rows(block, num_rows)
 
 
 def _check_kinds(pieces: list[tuple[Hit, int, int]], checkpoint: Record) -> None:

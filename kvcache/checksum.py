@@ -64,15 +64,22 @@ def col_words(num_words: int) -> int:
     return max(MIN_COL_WORDS, -(-num_words // _PAGE_WORDS)) | 1
 
 
+_WORD = np.dtype("<u8")
+_add_reduce = np.add.reduce
+
+
 def _colsum64(header: bytes, data) -> str:
-    words = np.frombuffer(data, dtype="<u8")  # raises for a length that is not a multiple of 8
+    if type(data) is np.ndarray and data.ndim == 1 and data.dtype.char == "B" and data.flags.c_contiguous:
+        words = data.view(_WORD)  # (a byte array's view: no buffer-protocol round trip)
+    else:
+        words = np.frombuffer(data, dtype=_WORD)  # raises for a length that is not a multiple of 8
     num_words = len(words)
     width = col_words(num_words)
     num_rows = num_words // width
     if num_rows:
-        sums = words[:num_rows * width].reshape(num_rows, width).sum(axis=0, dtype="<u8")
+        sums = _add_reduce(words[:num_rows * width].reshape(num_rows, width), 0, _WORD)
     else:
-        sums = np.zeros(width, dtype="<u8")
+        sums = np.zeros(width, dtype=_WORD)
     if num_words > num_rows * width:
         tail = words[num_rows * width:]
         sums[:len(tail)] += tail  # the last row, zero-padded

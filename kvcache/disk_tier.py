@@ -6,7 +6,10 @@ LRU over live record bytes (the byte budget), and a small cache of memory-mapped
 - The index is rebuilt on start by scanning every segment in name (= creation) order; a later
   copy of a key wins; unreadable segments are deleted. The same scan runs again whenever the
   directory changes, so records another process commits become visible.
-- Each `put_many` writes one or more new segments (temp + rename). Evicted or deleted records
+- Each `put_many` writes one or more new segments (temp + rename), each laid out in the order a
+  restore reads its records (`restore_order`: a cold restore then reads the file forward and
+  overlaps its checksum passes and copies with the disk), their LRU order recorded in the
+  segment so that a restart rebuilds it. Evicted or deleted records
   only leave the index; `collect_garbage` (run after writes) unlinks segments with no live
   records and rewrites segments that are mostly dead, that held a deleted (corrupt) record, or
   too many small ones, into new segments. So a deleted record is gone from disk after the next
@@ -27,13 +30,29 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from kvcache.keys import CHECKPOINT_PREFIX, INDEX_PREFIX
 from kvcache.lru import ByteLRU
 from kvcache.segments import (
-    SegmentReader, is_segment_name, new_segment_name, remove_stale_temps, write_segment,
+    SegmentReader, is_segment_name, new_segment_name, prefetch_segments, remove_stale_temps, write_segment,
 )
 from kvcache.tier import Tier
 
 log = logging.getLogger(__name__)
+
+
+def restore_order(keys: Sequence[str]) -> list[int]:
+    """The order of a segment's records in its file (indices into `keys`, which are in LRU
+    order, least recently used first): the order a restore reads them, so that a cold
+    restore's reads go forward through the file and arrive in the order they are used
+    (segments.py `prefetch_segments`). A restore reads index records, then its checkpoint,
+    then the block and span records of its prefix head first; a commit puts them tail first
+    with the index records last (the head ends most recently used; a lookup touches them in
+    the same order), so: index records, then checkpoints, then the other records most recently
+    used first. Any order reads the same records; this one only makes cold reads faster."""
+    index = [i for i, key in enumerate(keys) if key.startswith(INDEX_PREFIX)]
+    checkpoints = [i for i, key in enumerate(keys) if key.startswith(CHECKPOINT_PREFIX)]
+    runs = [i for i, key in enumerate(keys) if not key.startswith((INDEX_PREFIX, CHECKPOINT_PREFIX))]
+    return index + checkpoints + runs[::-1]
 
 
 @dataclass
@@ -175,10 +194,22 @@ class DiskTier(Tier):
     # -- Tier interface -----------------------------------------------------------------------
 
     def get_many(self, keys: Sequence[str]) -> list[pa.Buffer | None]:
+        """The record bytes of `keys` (zero-copy slices of the segment maps; None where
+        missing). If they are not in memory they are read ahead (`prefetch_segments`: each
+        record's head, waited for, then the records whole in file order, in the background; a
+        few us of probing when they are in memory), so the caller decodes them and verifies
+        and copies the first ones while the disk reads the rest."""
         self.refresh()
         with self._lock:
             out = [self._read(key) for key in keys]
             self._lru.touch_many(key for key, value in zip(keys, out) if value is not None)
+            by_segment: dict[str, list[pa.Buffer]] = {}
+            for key, value in zip(keys, out):
+                if value is not None:
+                    by_segment.setdefault(self._index[key].segment, []).append(value)
+            reads = [(self._readers[name], buffers) for name, buffers in sorted(by_segment.items())
+                     if name in self._readers]
+        prefetch_segments(reads)  # (outside the lock: it may wait for the heads)
         return out
 
     def put_many(self, items: Sequence[tuple[str, object]], *, is_collecting_evicted: bool = False
@@ -205,13 +236,20 @@ class DiskTier(Tier):
             yield group
 
     def _write(self, items: list[tuple[str, object]], *, relocated_from: set[str] | None = None) -> bool:
-        """Write `items` as new segment(s). With `relocated_from` (garbage collection), only keys
-        still living in those segments move, keeping their LRU position."""
+        """Write `items` (in LRU order, least recently used first) as a new segment, laid out
+        in restore order (`restore_order`), their LRU order kept in it (``kv.lru_rows``: a
+        restart rebuilds it). With `relocated_from` (garbage collection), only keys still
+        living in those segments move, keeping their LRU position."""
         name = new_segment_name()
         with self._lock:
             self._own_writes.add(name)
+        order = restore_order([key for key, _ in items])
+        lru_rows = [0] * len(order)
+        for row_id, i in enumerate(order):
+            lru_rows[i] = row_id
         try:
-            rows, file_bytes = write_segment(self.directory, name, items)
+            rows, file_bytes = write_segment(self.directory, name, [items[i] for i in order], lru_rows=lru_rows)
+            rows = [rows[row_id] for row_id in lru_rows]  # (LRU order again)
         except OSError as exc:  # a full or broken disk drops the write, never fails the caller
             if not self._is_write_warned:
                 log.warning("disk tier: cannot write to %s (%s); dropping writes", self.directory, exc)
@@ -258,6 +296,14 @@ class DiskTier(Tier):
         with self._lock:
             return sum(s.file_bytes for s in self._segments.values())
 
+    def drop_cached_pages(self) -> None:
+        """Evict every segment file of this tier from memory (the process's mappings and the
+        OS page cache; `SegmentReader.drop_cached_pages`): the next reads come from disk. For
+        benchmarks and tests of a cold read; nothing about the records changes."""
+        with self._lock:
+            for name in sorted(self._segments):
+                self._reader(name).drop_cached_pages()
+
     def segment_names(self) -> list[str]:
         with self._lock:
             return sorted(self._segments)
@@ -280,7 +326,8 @@ class DiskTier(Tier):
                 rewrite += small
             for name in empty:
                 self._remove_file(name)
-            moved = [(key, self._read(key)) for name in rewrite for key in sorted(self._segments[name].live_keys)]
+            live = {key for name in rewrite for key in self._segments[name].live_keys}
+            moved = [(key, self._read(key)) for key in self._lru.keys() if key in live] if live else []  # (LRU order)
         moved = [(key, value) for key, value in moved if value is not None]
         for group in self._groups(moved):
             if not self._write(group, relocated_from=set(rewrite)):

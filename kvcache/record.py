@@ -159,6 +159,15 @@ class Record:
                     for name, (lo, nbytes, dtype, shape, _) in self._slots.items()}
         return {name: (_byte_view(t.contiguous()), t.dtype, tuple(t.shape)) for name, t in self._tensors.items()}
 
+    def row_blocks(self, *, verify: bool = True
+                   ) -> dict[str, torch.Tensor | tuple[np.ndarray, torch.dtype, tuple[int, ...]]]:
+        """What the deferred restore hands ``SequenceState.load`` as this record's row blocks:
+        a decoded record's `byte_views` (no tensor built: one numpy slice each), else its
+        `tensors` (a device-tier record's own tensors). ``verify=False`` as in `byte_views`."""
+        if self._slots is not None:
+            return self.byte_views(verify=verify)
+        return self.tensor_views(verify=verify)
+
     @property
     def num_bytes(self) -> int:
         if self._slots is not None:

@@ -39,8 +39,10 @@ class DeferredState:
 
     `tensors`: the state dict in ``SequenceState.load`` form: non-entries tensors are views of
     the (verified) checkpoint record; each "*.entries" value is a list of row blocks, block j a
-    view of run j's record (j < num_runs; unverified until settled), the last block the
-    checkpoint's rows. `runs` are the lookup's hits (`hierarchy.Hit`) of the run records, in
+    view of run j's record (j < num_runs; unverified until settled): for a record decoded from
+    bytes a byte view ``(uint8 array, dtype, shape)`` (``SequenceState.load`` copies it with one
+    numpy byte copy, building no tensor), else a tensor; the last block the checkpoint's rows.
+    `runs` are the lookup's hits (`hierarchy.Hit`) of the run records, in
     block order; ``settle(hit)`` (`TierStack.settle`) verifies (and promotes) one: False if it
     is corrupt (it was deleted from its tier).
     """

@@ -1,9 +1,10 @@
 """Wire format of the data plane: dispatch (router -> shard) and combine (shard -> router) messages.
 
-Owns: no state beyond one group's backend handle and the message layout. Per MoE layer and
-micro-batch, the router sends every shard exactly one dispatch message (possibly with 0 rows, so
-each shard can follow the fixed order of the StepPlan), and each shard that got n > 0 rows sends
-one combine message of [n, hidden] back; the router knows n, so that recv has an exact size.
+Owns: no state beyond one group's backend handle, the message layout, the link budget and (shard
+side) the link receive buffer. Per MoE layer and micro-batch, the router sends every shard exactly
+one dispatch message (possibly with 0 rows, so each shard can follow the fixed order of the
+StepPlan), and each shard that got n > 0 rows sends one combine message of [n, hidden] back; the
+router knows n, so that recv has an exact size.
 
 Dispatch layout, counts first (dtype = the model dtype, one flat tensor):
     [ header: int64 n (8 bytes; n = -1 aborts the step) | rows: n x (hidden + meta) ]
@@ -16,11 +17,18 @@ n from the header. One message instead of two matters: gloo sends only once the 
 posted its recv, so a separate count message costs an extra round trip (~0.6 ms per layer here).
 nccl: recv sizes must match, so the count goes as its own int64 message, then the rows.
 Tags: 1 = dispatch, 2 = combine (gloo matches per (peer, tag) in order; nccl ignores tags).
+Same-node links (actors/transport/links.py): the same two messages, byte for byte, over the
+shard's Unix socket instead of gloo, for the micro-batches `link_micro_batches` picks (the rule
+both sides apply to the StepPlan); the shard reads the header, then exactly n rows. A dispatch
+message is one tensor however it travels: `pack` writes the header (n = T) and every row once, and
+a shard that takes every token gets that same tensor (no copy per shard).
 """
 
 from __future__ import annotations
 
 import torch
+
+from .links import as_bytes
 
 ABORT = -1
 TAG_DISPATCH, TAG_COMBINE = 1, 2
@@ -35,7 +43,8 @@ def meta_width(dtype: torch.dtype, k: int) -> int:
 
 
 class Wire:
-    def __init__(self, pg, backend: str, device: torch.device, dtype: torch.dtype, hidden: int, k: int):
+    def __init__(self, pg, backend: str, device: torch.device, dtype: torch.dtype, hidden: int, k: int,
+                 link_budget: int = 0):
         self.pg = pg
         self.is_sized_recv = backend == "gloo"   # gloo: recv into a capacity buffer; nccl: exact sizes
         self.device = device
@@ -43,34 +52,79 @@ class Wire:
         self.hidden = hidden
         self.k = k
         self.width = hidden + meta_width(dtype, k)           # columns per row
-        self.header = 8 // torch.empty(0, dtype=dtype).element_size()  # columns of the int64 header
+        self.element_size = torch.empty(0, dtype=dtype).element_size()
+        self.header = 8 // self.element_size                 # columns of the int64 header
+        self.link_budget = link_budget                       # bytes; 0: no same-node link
+        self._headers: dict[int, torch.Tensor] = {}          # n -> header columns (router)
+        self._link_buf: torch.Tensor | None = None           # link dispatch rows (shard; grows)
+        self._link_header = bytearray(8)
+
+    def message_bytes(self, n: int) -> int:
+        """Bytes of a dispatch message of n rows."""
+        return (self.header + n * self.width) * self.element_size
+
+    def link_micro_batches(self, micro_batch_tokens: tuple[int, ...]) -> tuple[bool, ...]:
+        """Which micro-batches of a step go over a same-node link (both sides apply this rule to
+        the StepPlan): each one whose dispatch message at capacity still fits in the link budget
+        next to the ones already taken (at most one message per micro-batch is ever unread)."""
+        out, used = [], 0
+        for tokens in micro_batch_tokens:
+            size = self.message_bytes(tokens)
+            fits = used + size <= self.link_budget
+            used += size if fits else 0
+            out.append(fits)
+        return tuple(out)
+
+    def _header(self, n: int) -> torch.Tensor:
+        h = self._headers.get(n)
+        if h is None:
+            if len(self._headers) > 4096:
+                self._headers.clear()
+            h = self._headers[n] = torch.tensor([n], dtype=torch.int64).view(self.dtype).to(self.device)
+        return h
 
     # ---- router side -----------------------------------------------------------------------
     def pack(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Every token's row once per dispatch: x [T, hidden], expert_ids / weights [T, k] -> [T, width]."""
-        meta = torch.cat([expert_ids.to(torch.float32), weights.to(torch.float32)], dim=1)   # [T, 2k]
-        return torch.cat([x.to(self.dtype), meta.view(self.dtype)], dim=1)
-
-    def send_dispatch(self, dst: int, packed: torch.Tensor, rows: torch.Tensor | None) -> list:
-        """packed [T, width] (from pack), rows [n] the tokens for dst (None: all T) -> works
-        (keep each (work, tensor) pair alive until the work completed)."""
-        n = packed.shape[0] if rows is None else rows.numel()
-        msg = torch.empty(self.header + n * self.width, dtype=self.dtype, device=self.device)
-        body = msg[self.header:].view(n, self.width)
-        if rows is None:
-            body.copy_(packed)
+        """Every token's row once, as the dispatch message to a shard that takes all T tokens:
+        x [T, hidden], expert_ids / weights [T, k] -> [header (n = T) | T x width], flat."""
+        num_tokens = x.shape[0]
+        msg = torch.empty(self.header + num_tokens * self.width, dtype=self.dtype, device=self.device)
+        msg[: self.header] = self._header(num_tokens)
+        body = msg[self.header:].view(num_tokens, self.width)
+        if self.dtype == torch.float32:   # meta columns are float32 already: one cat
+            torch.cat([x.to(torch.float32), expert_ids.to(torch.float32), weights.to(torch.float32)], dim=1, out=body)
         else:
-            torch.index_select(packed, 0, rows, out=body)
+            meta = torch.cat([expert_ids.to(torch.float32), weights.to(torch.float32)], dim=1)   # [T, 2k]
+            torch.cat([x.to(self.dtype), meta.view(self.dtype)], dim=1, out=body)
+        return msg
+
+    def send_dispatch(self, dst: int, msg: torch.Tensor, rows: torch.Tensor | None, link=None) -> list:
+        """msg (from pack), rows [n] the tokens for dst (None: all T, msg as is) -> works (keep each
+        (work, tensor) pair alive until the work completed; a link sends in place: [])."""
+        if rows is not None:
+            n = rows.numel()
+            sub = torch.empty(self.header + n * self.width, dtype=self.dtype, device=self.device)
+            sub[: self.header] = self._header(n)
+            torch.index_select(msg[self.header:].view(-1, self.width), 0, rows,
+                               out=sub[self.header:].view(n, self.width))
+            msg = sub
+        if link is not None:
+            link.send(as_bytes(msg))
+            return []
         if self.is_sized_recv:
-            msg[: self.header].view(torch.int64).fill_(n)
             return [(self.pg.send([msg], dst, TAG_DISPATCH), msg)]
+        n = (msg.numel() - self.header) // self.width
         count = torch.tensor([n], dtype=torch.int64, device=self.device)
         works = [(self.pg.send([count], dst, TAG_DISPATCH), count)]
         if n:
+            body = msg[self.header:]
             works.append((self.pg.send([body], dst, TAG_DISPATCH), body))
         return works
 
-    def send_abort(self, dst: int) -> list:
+    def send_abort(self, dst: int, link=None) -> list:
+        if link is not None:
+            link.send(as_bytes(torch.tensor([ABORT], dtype=torch.int64)))
+            return []
         if self.is_sized_recv:
             msg = torch.zeros(self.header, dtype=self.dtype, device=self.device)
             msg.view(torch.int64)[0] = ABORT
@@ -78,16 +132,47 @@ class Wire:
             msg = torch.tensor([ABORT], dtype=torch.int64, device=self.device)
         return [(self.pg.send([msg], dst, TAG_DISPATCH), msg)]
 
-    def post_combine(self, src: int, n: int) -> tuple[object, torch.Tensor]:
+    def post_combine(self, src: int, n: int, link=None) -> tuple[object, torch.Tensor]:
+        """A receive of src's [n, hidden] answer -> (work with wait(), the buffer it fills)."""
         out = torch.empty(n, self.hidden, dtype=self.dtype, device=self.device)
+        if link is not None:
+            return link.post(as_bytes(out)), out
         return self.pg.recv([out], src, TAG_COMBINE), out
 
     # ---- shard side ------------------------------------------------------------------------
     def post_dispatch(self, src: int, capacity: int) -> "DispatchRecv":
         return DispatchRecv(self, src, capacity)
 
-    def send_combine(self, dst: int, out: torch.Tensor):
+    def recv_dispatch(self, link, capacity: int):
+        """Read the next dispatch message from a link now -> as DispatchRecv.wait(). The rows are a
+        view of a buffer that the next call reuses (the caller is done with them by then)."""
+        link.read_exact(memoryview(self._link_header))
+        n = int.from_bytes(self._link_header, "little", signed=True)
+        if n == ABORT:
+            return None
+        if not 0 <= n <= capacity:
+            raise RuntimeError(f"dispatch message of {n} rows over the same-node link, capacity {capacity} "
+                               "(the router and this shard disagree on the step plan)")
+        if self._link_buf is None or self._link_buf.numel() < n * self.width:
+            self._link_buf = torch.empty(max(n, capacity) * self.width, dtype=self.dtype, device=self.device)
+        rows = self._link_buf[: n * self.width].view(n, self.width)
+        if n:
+            link.read_exact(as_bytes(rows))
+        return self.unpack(rows)
+
+    def unpack(self, rows: torch.Tensor):
+        """rows [n, width] -> (x [n, hidden], expert_ids [n, k] int64, weights [n, k] float32)."""
+        meta = rows[:, self.hidden:]
+        if self.dtype != torch.float32:
+            meta = meta.contiguous().view(torch.float32)                                    # [n, 2k]
+        return rows[:, : self.hidden], meta[:, : self.k].to(torch.int64), meta[:, self.k:]
+
+    def send_combine(self, dst: int, out: torch.Tensor, link=None):
+        """-> (work, tensor) to keep alive until complete; None over a link (sent in place)."""
         out = out.contiguous()
+        if link is not None:
+            link.send(as_bytes(out))
+            return None
         return self.pg.send([out], dst, TAG_COMBINE), out
 
 
@@ -117,5 +202,4 @@ class DispatchRecv:
             rows = torch.empty(n, w.width, dtype=w.dtype, device=w.device)
             if n:
                 w.pg.recv([rows], self.src, TAG_DISPATCH).wait()
-        meta = rows[:, w.hidden:].contiguous().view(torch.float32)                        # [n, 2k]
-        return rows[:, : w.hidden], meta[:, : w.k].to(torch.int64), meta[:, w.k:]
+        return w.unpack(rows)

@@ -41,8 +41,10 @@ def generate_until_error(runner, act, delay_s: float = 0.4, limit_s: float = 60.
 
 
 @pytest.mark.slow
-def test_killed_shard_process_fails_step_then_recovers(ray_cluster, ep_ckpt, ep_ref):
-    runner = launch(ep_ckpt, num_expert_shards=2, micro_batches=2, transport="collective")
+@pytest.mark.parametrize("same_node_links", [True, False])   # decode messages over the links / over gloo
+def test_killed_shard_process_fails_step_then_recovers(ray_cluster, ep_ckpt, ep_ref, same_node_links):
+    runner = launch(ep_ckpt, num_expert_shards=2, micro_batches=2, transport="collective",
+                    same_node_links=same_node_links)
     try:
         victim = runner.infos[1]
         err, latency = generate_until_error(runner, lambda: os.kill(victim.pid, signal.SIGKILL))
@@ -68,8 +70,10 @@ def test_killed_shard_process_fails_step_then_recovers(ray_cluster, ep_ckpt, ep_
 
 
 @pytest.mark.slow
-def test_hung_shard_times_out_then_recovers(ray_cluster, ep_ckpt, ep_ref):
-    runner = launch(ep_ckpt, num_expert_shards=2, transport="collective", collective_timeout_s=3.0)
+@pytest.mark.parametrize("same_node_links", [True, False])
+def test_hung_shard_times_out_then_recovers(ray_cluster, ep_ckpt, ep_ref, same_node_links):
+    runner = launch(ep_ckpt, num_expert_shards=2, transport="collective", collective_timeout_s=3.0,
+                    same_node_links=same_node_links)
     try:
         victim = runner.infos[0]
         err, latency = generate_until_error(runner, lambda: os.kill(victim.pid, signal.SIGSTOP))

@@ -28,3 +28,21 @@ def stores(tier: str, redis_url: str, redis_prefix: str, disk_dir) -> dict:
     """Service keyword arguments that enable exactly one lower tier (none for "device")."""
     return {"device": {}, "redis": dict(redis_url=redis_url, redis_prefix=redis_prefix),
             "disk": dict(disk_dir=disk_dir)}[tier]
+
+
+def corrupt_stored(tier: str, key: str, redis_client, redis_prefix: str, disk_dir) -> None:
+    """Flip one bit in the middle of record `key` (inside its tensor bytes) where `tier` keeps it:
+    the Redis value in place, or a corrupted later copy in the disk tier (a later copy wins)."""
+    def corrupt(value) -> bytes:
+        data = bytearray(bytes(value))
+        data[len(data) // 2] ^= 0x10
+        return bytes(data)
+
+    if tier == "redis":
+        redis_client.set(redis_prefix + key, corrupt(redis_client.get(redis_prefix + key)))
+    else:
+        from kvcache.disk_tier import DiskTier
+        disk = DiskTier(disk_dir, budget_bytes=1 << 30)
+        disk.put_many([(key, corrupt(disk.get_many([key])[0]))])
+        disk.close()
+

@@ -8,8 +8,7 @@ and block_tokens=128: spans of 2 blocks; real Redis and real Arrow segment files
 import pytest
 import torch
 
-from kv_model_helpers import random_tokens, relative_error, service_for, stores
-from kvcache.disk_tier import DiskTier
+from kv_model_helpers import corrupt_stored, random_tokens, relative_error, service_for, stores
 from kvcache.keys import chain_hashes, span_key, token_array
 from kvcache.restore import DeferredState
 from kvcache.resume import import_state, prefill, prompt_checkpoints, resume
@@ -59,12 +58,6 @@ def test_a_deferred_restore_is_the_exported_state_bitwise(tier, tiny_model, orig
         assert svc.stats().tiers[tier].num_corrupt == 0
 
 
-def corrupt(value) -> bytes:
-    data = bytearray(bytes(value))
-    data[len(data) // 2] ^= 0x10   # inside the span's tensor bytes
-    return bytes(data)
-
-
 @pytest.mark.parametrize("tier", ["redis", "disk"])
 def test_a_span_corrupt_mid_restore_drops_the_state_and_resume_recomputes(tier, tiny_model, original, tmp_path,
                                                                            redis_url, redis_prefix, redis_client):
@@ -72,12 +65,7 @@ def test_a_span_corrupt_mid_restore_drops_the_state_and_resume_recomputes(tier, 
     svc = committed_service(tiny_model, original, store)
     hashes = chain_hashes(token_array(original["prompt"]), 128, svc.storage_fingerprint, None, 4)
     key = span_key(hashes[4], 2)   # blocks [2, 4): run 1, verified after run 0 was copied
-    if tier == "redis":
-        redis_client.set(redis_prefix + key, corrupt(redis_client.get(redis_prefix + key)))
-    else:
-        disk = DiskTier(tmp_path, budget_bytes=1 << 30)
-        disk.put_many([(key, corrupt(disk.get_many([key])[0]))])   # a later copy wins
-        disk.close()
+    corrupt_stored(tier, key, redis_client, redis_prefix, tmp_path)
     with svc:
         hit = svc.lookup(original["prompt"].tolist(), is_deferred=True)
         assert hit.num_cached_tokens == NUM_PROMPT_TOKENS   # parsed; the span's checksum waits for the copy
