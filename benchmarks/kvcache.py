@@ -306,12 +306,10 @@ def bench_restore(num_tokens: int, repeats: int, url: str, tmp: Path, preset: st
     return results
 
 
-def restore_results(svc, model, tier: str, tokens, state, repeats: int, raws: dict, preset: str = "tiny"
-                    ) -> list[RestoreResult]:
-    """Our restore (lookup + import into a pooled state of `model`), then one row per raw reader
-    (the first row also without one). Ours is the deferred lookup (each record verified right
-    before its rows are copied once into the state's pages, kvcache/restore.py); "eager" is the
-    lookup that assembles the state dict, then the same import (two copies; actors/ uses it)."""
+def restorers(svc, model, tokens):
+    """(ours, eager): the deferred lookup + import (each record verified right before its rows
+    are copied once into the state's pages, kvcache/restore.py), and the lookup that assembles the
+    state dict, then the same import (two copies; actors/ uses it). Each returns (hit, state)."""
     def ours():
         hit = svc.lookup(tokens, is_deferred=True)
         return hit, import_state(model, hit)
@@ -319,6 +317,16 @@ def restore_results(svc, model, tier: str, tokens, state, repeats: int, raws: di
     def eager():
         hit = svc.lookup(tokens)
         return hit, import_state(model, hit.state_tensors)
+    return ours, eager
+
+
+def restore_results(svc, model, tier: str, tokens, state, repeats: int, raws: dict, preset: str = "tiny"
+                    ) -> list[RestoreResult]:
+    """Our restore (lookup + import into a pooled state of `model`), then one row per raw reader
+    (the first row also without one). Ours is the deferred lookup (each record verified right
+    before its rows are copied once into the state's pages, kvcache/restore.py); "eager" is the
+    lookup that assembles the state dict, then the same import (two copies; actors/ uses it)."""
+    ours, eager = restorers(svc, model, tokens)
 
     runs = best_interleaved({"ours": ours, "eager": eager, **raws}, repeats)
     seconds, (hit, restored) = runs.pop("ours")
@@ -353,13 +361,7 @@ def cold_disk_results(svc, model, tokens, state, repeats: int, disk_dir: Path, p
             evict_file(path)
         resident.append(resident_fraction(disk_dir))
 
-    def ours():
-        hit = svc.lookup(tokens, is_deferred=True)
-        return hit, import_state(model, hit)
-
-    def eager():
-        hit = svc.lookup(tokens)
-        return hit, import_state(model, hit.state_tensors)
+    ours, eager = restorers(svc, model, tokens)
 
     def read_all():
         return sum(len(path.read_bytes()) for path in files)
