@@ -53,15 +53,15 @@ class LocalRunner:
             self.graphs = DecodeGraphs(model, max_batch=max_num_seqs)
         if self.graphs is not None and compiled_decode:
             self.graphs.warm_up(self.config.index_topk + 1)
-        elif dense.device.type == "cpu" and (model.experts.gathered.is_enabled or compiled_decode):
+        elif dense.device.type == "cpu":
             self.warm_up()
 
     @torch.no_grad()
     def warm_up(self) -> None:
-        """Compile what compiles on first use (the CPU decode experts, for one row and for several;
-        the decode regions, when on) on throwaway states, so that the first request does not wait
-        for it. (Regions of steps whose sequences hold more than the indexer's top-k entries
-        compile on first use.)"""
+        """Build what builds on first use (the CPU kernels, `model_shards.cpu_kernels`, once per
+        machine; the decode regions' compiled variants, when on) on throwaway states, so that the
+        first request does not wait for it. (Regions of steps whose sequences hold more than the
+        indexer's top-k entries compile on first use.)"""
         # regions also compile steps with compressed entries: prompts past the window
         n = self.config.sliding_window + 2 if self.model.dense.regions.is_enabled else 2
         states = [self.model.new_state() for _ in range(2)]

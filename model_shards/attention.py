@@ -22,6 +22,7 @@ from torch.nn.utils.rnn import pad_sequence
 from .batch import DecodeMeta, StepBatch
 from .compressor import Compressor, Indexer, RMSNormWeight, index_scores
 from .config import CSA, HCA, SLIDING, ModelConfig
+from .cpu_kernels import linear
 from .fused import FusedLinear
 from .ops import rms_norm, rope_, stable_topk
 from .state import LayerState
@@ -69,7 +70,7 @@ class Attention(nn.Module):
         cis = batch.rope[self.rope_name]                          # [T, rope/2] complex
         proj = self._in_proj(x)                                   # every projection of x, one matmul
         q_residual = self.q_norm(proj[0])                         # [T, q_lora]
-        q = self.wq_b(q_residual).unflatten(-1, (self.num_heads, self.head_dim))
+        q = linear(q_residual, self.wq_b.weight).unflatten(-1, (self.num_heads, self.head_dim))
         q = rms_norm(q, None, self.cfg.rms_norm_eps)
         q = rope_(q, cis.unsqueeze(-2))                           # [T, H, D]
         kv = rope_(self.norm(proj[1]), cis)                       # [T, D]
@@ -295,4 +296,4 @@ def project_out(o: torch.Tensor, wo_a: torch.Tensor, wo_b: torch.Tensor, num_gro
     grouped = o.reshape(T, num_groups, -1).transpose(0, 1)                       # [G, T, H*D/G]
     w = wo_a.view(num_groups, wo_a.shape[0] // num_groups, -1)                   # [G, r, H*D/G]
     mid = torch.bmm(grouped, w.transpose(1, 2)).transpose(0, 1).reshape(T, -1)   # [T, G*r]
-    return torch.nn.functional.linear(mid, wo_b)
+    return linear(mid, wo_b)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from .cpu_kernels import linear
 from .ops import rms_norm, rope_, rope_real, rope_table
 from .state import CompressorState
 
@@ -173,7 +174,7 @@ class Indexer(nn.Module):
     def queries(self, q_residual: torch.Tensor, weight_logits: torch.Tensor, cis: torch.Tensor):
         """q_residual [T, q_lora], weight_logits = weights_proj(x) [T, n_I] -> q [T, n_I, d_I]
         (compress rope at the query positions), head weights [T, n_I] (float32)."""
-        q = self.wq_b(q_residual).unflatten(-1, (self.num_heads, self.head_dim))
+        q = linear(q_residual, self.wq_b.weight).unflatten(-1, (self.num_heads, self.head_dim))
         q = rope_(q, cis.unsqueeze(-2))
         return q, weight_logits.float() * self.num_heads ** -0.5
 

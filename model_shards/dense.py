@@ -26,10 +26,11 @@ from .attention import Attention
 from .batch import DecodeMeta, StepBatch
 from .compressor import RMSNormWeight
 from .config import ModelConfig
+from .cpu_kernels import linear
 from .fused import Sinkhorn
 from .moe import Gate, SharedExpert
 from .mhc import hc_args, hc_merge, hc_weights
-from .ops import rms_norm, rope_cis, rope_inv_freq
+from .ops import linear_f32, rms_norm, rope_cis, rope_inv_freq
 from .regions import DecodeRegions
 from .state import SequenceState
 from .state_pool import StatePool
@@ -156,7 +157,7 @@ class DenseModel(nn.Module):
     def final_hidden(self, h: torch.Tensor) -> torch.Tensor:
         """hc_head collapse + final norm: [T, hc, hidden] -> [T, hidden]."""
         flat = rms_norm(h.flatten(1).float(), None, self.cfg.rms_norm_eps)
-        pre = torch.sigmoid(flat @ self.hc_head_fn.float().T * self.hc_head_scale.float() + self.hc_head_base.float())
+        pre = torch.sigmoid(linear_f32(flat, self.hc_head_fn) * self.hc_head_scale.float() + self.hc_head_base.float())
         pre = pre + self.cfg.hc_eps
         return self.norm((pre.unsqueeze(-1) * h).sum(dim=1).to(h.dtype))
 
@@ -164,7 +165,7 @@ class DenseModel(nn.Module):
                     return_hidden: bool = False):
         """Logits of `rows` (default: all tokens) and advance every state by its segment length."""
         hidden = self.final_hidden(h if rows is None else h[rows])
-        logits = self.head(hidden)
+        logits = linear(hidden, self.head.weight)
         self.advance(batch)
         return (logits, hidden) if return_hidden else logits
 

@@ -15,9 +15,6 @@ Owns: the compiled function (one per model that holds it).
 
 Compiled: any pure tensor function through torch.compile, with a clean eager fallback (what
 regions.DecodeRegions builds its regions from). Owns: the compiled function.
-
-GatheredExperts: a CPU decode step's routed experts as compiled gather-multiply-reduce kernels.
-Owns: the compiled function (one per ExpertBank that holds it).
 """
 
 from __future__ import annotations
@@ -27,9 +24,9 @@ import types
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .cpu_kernels import linear
 from .ops import sinkhorn, sinkhorn_rows
 
 
@@ -56,7 +53,7 @@ class FusedLinear:
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x [..., in] -> one [..., out_i] view per linear, in order."""
-        return list(F.linear(x, self.weight()).split(self._sizes, dim=-1))
+        return list(linear(x, self.weight()).split(self._sizes, dim=-1))
 
 
 class Sinkhorn:
@@ -149,69 +146,3 @@ class Compiled:
 
     def __getstate__(self):   # compiled code does not copy: a copy compiles again on first use
         return {**self.__dict__, "_compiled": None}
-
-
-def gathered_experts(x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
-                     w2t: torch.Tensor, limit: torch.Tensor | None) -> torch.Tensor:
-    """Σ_j weights[t, j] · expert_{local_ids[t, j]}(x[t]): x [T, D], local_ids / weights [T, k],
-    w13 [E, 2I, D], w2t [E, I, D] -> [T, D]; `limit`: the SwiGLU clamp (a 0-d tensor, so that
-    models with different limits share one compiled graph) or None. Written as gathers and
-    reductions so that Inductor fuses each matmul into one loop that streams the pairs' weight
-    rows (never materialized)."""
-    I = w2t.shape[1]
-    h = (w13[local_ids] * x[:, None, None, :]).sum(-1)                 # [T, k, 2I]: gate | up per pair
-    gate, up = h[..., :I], h[..., I:]
-    if limit is not None:   # ops.swiglu's clamps
-        gate, up = torch.minimum(gate, limit), torch.clamp(up, -limit, limit)
-    act = F.silu(gate) * up                                              # [T, k, I]
-    y = (w2t[local_ids] * act[..., None]).sum(-2)                        # [T, k, D]
-    return (y * weights.to(y.dtype)[..., None]).sum(1)
-
-
-class GatheredExperts:
-    """`gathered_experts` compiled (torch.compile, CPU, dynamic shapes), for steps with few
-    (token, expert) pairs, i.e. decode. Why: an MKL fp32 matmul with a few rows reads its weights
-    at a fraction of the memory bandwidth (measured on an AMD EPYC: ~10 GB/s against 28-40 GB/s
-    for a plain reduction over the same bytes), and a decode step's experts are nothing but such
-    matmuls; the compiled loops stream each pair's rows at close to bandwidth, 2.2-4x faster than
-    the grouped GEMM at 1-16 tokens. A pair re-reads its expert's rows when several tokens share
-    it, so past `MAX_PAIRS_PER_EXPERT` pairs per expert the grouped GEMM wins and is used.
-    If compiling fails (no C++ compiler) it says so once and the bank keeps its other paths."""
-
-    MAX_PAIRS_PER_EXPERT = 4
-    MAX_RECOMPILES = 32
-
-    def __init__(self, is_enabled: bool = True):
-        self.is_enabled = is_enabled
-        self._compiled = None
-        self._bound: torch.Tensor | None = None    # the SwiGLU limit as a 0-d tensor
-
-    def can_run(self, x: torch.Tensor, num_pairs: int, num_experts: int) -> bool:
-        return (self.is_enabled and x.device.type == "cpu"
-                and 0 < num_pairs <= self.MAX_PAIRS_PER_EXPERT * num_experts)
-
-    def __call__(self, x, local_ids, weights, w13, w2t, limit: float) -> torch.Tensor | None:
-        """The routed output [T, D], or None if compiling failed (then disabled)."""
-        if self._compiled is None:
-            self._compiled = torch.compile(gathered_experts, dynamic=True, fullgraph=True)
-        bound = None
-        if limit > 0:
-            if self._bound is None or self._bound.dtype != x.dtype or float(self._bound) != limit:
-                self._bound = torch.tensor(limit, dtype=x.dtype)
-            bound = self._bound
-        # Fewer recompiles: plain tensors (parameters' shapes would be guarded as static), no
-        # storage offsets (duck sizing ties them to sizes), one grad mode.
-        x = x if x.storage_offset() == 0 else x.clone()
-        args = (x, local_ids, weights if weights.is_contiguous() else weights.contiguous(), w13.detach(),
-                w2t.detach(), bound)
-        try:
-            # the few variants left (dtype, one row or many, thread count) add up when several
-            # models share a process: past the recompile limit it is raised
-            return call_compiled(self._compiled, args, self.MAX_RECOMPILES)
-        except Exception as e:  # noqa: BLE001 - any compile failure: stay correct, use the grouped GEMM
-            warnings.warn(f"compiled CPU experts unavailable ({type(e).__name__}: {e}); using the grouped GEMM")
-            self.is_enabled = False
-            return None
-
-    def __getstate__(self):
-        return {"is_enabled": self.is_enabled, "_compiled": None, "_bound": None}   # compiled code does not copy

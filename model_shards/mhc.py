@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .ops import rms_norm, sinkhorn
+from .ops import linear_f32, rms_norm, sinkhorn
 
 
 def hc_args(cfg) -> tuple[int, int, float, float]:
@@ -29,7 +29,7 @@ def hc_weights(h: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: tor
     # mixes * scale + base, with scale[0] on the pre columns, scale[1] on post, scale[2] on comb
     s = scale.float()                                  # (int repeats: no host round trip on a GPU)
     scale_cols = torch.cat([s[:2].repeat_interleave(hc), s[2:].expand(hc * hc)])
-    mixes = torch.addcmul(base.float(), flat @ fn.float().T, scale_cols)         # [T, (2+hc)*hc]
+    mixes = torch.addcmul(base.float(), linear_f32(flat, fn), scale_cols)        # [T, (2+hc)*hc]
     gates = torch.sigmoid(mixes[:, : 2 * hc])
     pre = gates[:, :hc] + hc_eps
     post = 2 * gates[:, hc:]

@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from .config import HASH_MOE, ModelConfig
-from .fused import FusedLinear, GatheredExperts
-from .ops import score_fn, stable_topk, swiglu
+from .cpu_kernels import DecodeExperts, linear
+from .fused import Compiled, FusedLinear
+from .ops import linear_f32, score_fn, stable_topk, swiglu
 
 
 class Gate(nn.Module):
@@ -46,7 +47,7 @@ class Gate(nn.Module):
 def gate(x: torch.Tensor, token_ids: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
          tid2eid: torch.Tensor | None, scoring: str, k: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Gate's math: hash routing when `tid2eid` is given, else top-k of score + bias."""
-    scores = score_fn(torch.nn.functional.linear(x.float(), weight.float()), scoring)
+    scores = score_fn(linear_f32(x, weight), scoring)                           # [T, E] float32
     if tid2eid is not None:
         expert_ids = tid2eid[token_ids].long()
     else:
@@ -74,9 +75,9 @@ class SharedExpert(nn.Module):
 
 def shared_expert(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, limit: float) -> torch.Tensor:
     """SharedExpert's math with w1 and w3 stacked: w2(swiglu(x w1^T, x w3^T))."""
-    gate_up = torch.nn.functional.linear(x, w13)                                 # [T, 2I]
+    gate_up = linear(x, w13)                                                     # [T, 2I]
     inter = w2.shape[1]
-    return torch.nn.functional.linear(swiglu(gate_up[..., :inter], gate_up[..., inter:], limit), w2)
+    return linear(swiglu(gate_up[..., :inter], gate_up[..., inter:], limit), w2)
 
 
 class ExpertBank(nn.Module):
@@ -88,8 +89,8 @@ class ExpertBank(nn.Module):
     matmul pair over its rows: every expert in one `torch._grouped_mm` call where the backend has it
     (no per-expert Python), else a loop. (An "every held expert on every token" variant measured 3x
     slower on CPU at decode batch 8, so it was removed.) CPU steps with a few pairs per expert
-    (decode) in a single-process bank take `fused.GatheredExperts` instead: compiled loops that
-    stream each pair's weight rows, 2-4x faster there than the grouped GEMM.
+    (decode) take `cpu_kernels.DecodeExperts` instead: a C kernel that reads each hit expert's
+    weights once, 2-4x faster there than the grouped GEMM.
     """
 
     def __init__(self, cfg: ModelConfig, expert_ids: list[int], dtype: torch.dtype = torch.float32,
@@ -105,9 +106,12 @@ class ExpertBank(nn.Module):
             local[e] = i
         self.register_buffer("local_index", torch.tensor(local, dtype=torch.int64, device=device), persistent=False)
         self._is_grouped_mm_ok = True   # set False (fallback to the loop) if the backend refuses it
-        # CPU decode (a few pairs per expert), single-process banks only: expert-shard processes
-        # would each compile it, and they are a test configuration on CPUs
-        self.gathered = GatheredExperts(is_enabled=len(self.expert_ids) == cfg.n_routed_experts)
+        self.decode_experts = DecodeExperts()   # CPU decode steps: the C kernel
+        # GPU grouped path: the routing, activation and combine around the grouped GEMMs, compiled
+        # (built on first use; pair / token counts vary between steps, so dim 0 is dynamic)
+        self._route = Compiled(route_pairs, {"x": (0,), "flat_local": (0,), "held": (0,)})
+        self._act = Compiled(grouped_swiglu, {"h": (0,)})
+        self._combine = Compiled(combine_pairs, {"y": (0,), "dest": (0,), "weights": (0,)})
         E, I, Dm = len(self.expert_ids), cfg.moe_intermediate_size, cfg.hidden_size
         make = (lambda *s: torch.zeros(*s, dtype=dtype, device=device)) if allocate else (
             lambda *s: torch.empty(0, dtype=dtype, device=device))
@@ -126,13 +130,11 @@ class ExpertBank(nn.Module):
         if self.local_index.device != expert_ids.device:   # once, if the bank was moved by hand
             self.local_index = self.local_index.to(expert_ids.device)
         local = self.local_index[expert_ids]                                       # [T, k]
-        if self.gathered.can_run(x, local.numel(), len(self.expert_ids)):
-            y = self.gathered(x, local, weights, self.w13[layer_id], self.w2t[layer_id], self.cfg.swiglu_limit)
-            if y is not None:
-                return y
+        if self.decode_experts.can_run(x, self.w13[layer_id], local.numel(), len(self.expert_ids)):
+            return self.decode_experts(x, local, weights, self.w13[layer_id], self.w2t[layer_id], self.cfg.swiglu_limit)
         flat_local = local.flatten()
         if len(self.expert_ids) == self.cfg.n_routed_experts:   # every pair is held: no nonzero (a host sync)
-            held = torch.arange(flat_local.numel(), device=flat_local.device)
+            held = None
         else:
             held = (flat_local >= 0).nonzero().squeeze(1)
             if held.numel() == 0:
@@ -140,13 +142,22 @@ class ExpertBank(nn.Module):
         return self._grouped(layer_id, x, flat_local, held, weights, expert_ids.shape[1])
 
     def _grouped(self, layer_id, x, flat_local, held, weights, k) -> torch.Tensor:
+        """The held pairs through the grouped GEMMs (or the per-expert loop); `held` [P]: indices of
+        the held (token, slot) pairs in flat_local [T*k], None when every pair is held."""
         I = self.cfg.moe_intermediate_size
+        w13, w2t = self.w13[layer_id], self.w2t[layer_id]
+        if x.is_cuda and self._can_grouped_mm(x):
+            try:
+                return self._grouped_cuda(x, flat_local, held, weights, w13, w2t)
+            except (RuntimeError, NotImplementedError):  # a backend without this layout / dtype
+                self._is_grouped_mm_ok = False
+        if held is None:
+            held = torch.arange(flat_local.numel(), device=flat_local.device)
         order = held[torch.argsort(flat_local[held], stable=True)]               # (token, slot) pairs by expert
         # [E] pairs per expert (a scatter, not bincount: bincount reads its max back to the host)
         counts = torch.zeros(len(self.expert_ids), dtype=torch.int64, device=x.device).index_add_(
             0, flat_local[order], torch.ones_like(order))
         token_rows, flat_w = order // k, weights.flatten()[order]
-        w13, w2t = self.w13[layer_id], self.w2t[layer_id]
         xs = x[token_rows]                                                         # [P, hidden], by expert
         y = None
         if self._can_grouped_mm(xs):
@@ -161,6 +172,22 @@ class ExpertBank(nn.Module):
             y = torch.empty_like(xs)
             self._run_segments(xs, y, w13, w2t, _segments(counts.tolist()))
         return torch.zeros_like(x).index_add_(0, token_rows, y * flat_w[:, None].to(x.dtype))
+
+    def _grouped_cuda(self, x, flat_local, held, weights, w13, w2t) -> torch.Tensor:
+        """`_grouped` on a GPU: the same grouped GEMMs, with the work around them as three compiled
+        pieces (`route_pairs`, `grouped_swiglu`, `combine_pairs`: ~6 kernels instead of ~25 small
+        eager ones and a radix sort per layer). The combine gathers each token's k rows and sums
+        them in float32 (deterministic; the eager path's bf16 index_add_ rounds every partial sum)."""
+        # inside an outer torch.compile (DecodeGraphs(is_compiled=True)) the plain functions are
+        # traced into that graph instead of calling a nested compiled one
+        compiled = not torch.compiler.is_compiling()
+        route = self._route if compiled else route_pairs
+        act = self._act if compiled else grouped_swiglu
+        combine = self._combine if compiled else combine_pairs
+        xs, dest, offs = route(x, flat_local, held, weights.shape[1], len(self.expert_ids))
+        h = torch._grouped_mm(xs, w13.transpose(1, 2), offs=offs)                 # [P, 2I]
+        y = torch._grouped_mm(act(h, self.cfg.swiglu_limit), w2t, offs=offs)       # [P, hidden]
+        return combine(y, dest, weights)
 
     def _run_segments(self, xs, y, w13, w2t, segments: list[tuple[int, int, int]]) -> None:
         """y[b:b+n] = expert e(xs[b:b+n]) for each (e, b, n): the per-expert loop."""
@@ -194,3 +221,68 @@ def _segments(counts: list[int]) -> list[tuple[int, int, int]]:
             segments.append((e, begin, n))
             begin += n
     return segments
+
+
+# Above this many [pairs x experts] one-hot entries `expert_order` falls back to the radix sort
+# (prefill: the one-hot would take too much memory); both give the same order.
+MAX_COUNTING_ENTRIES = 1 << 22
+
+
+def expert_order(keys: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stable counting sort of expert ids: keys [P] int64 in [0, num_experts) -> (dest [P], counts
+    [num_experts]): pair p goes to row dest[p] of the by-expert order, i.e. order[dest] = arange(P)
+    is exactly torch.argsort(keys, stable=True) (equal keys keep their pair order).
+
+    Why: a GPU sorts a few hundred int64 keys with one-block radix passes (~27 us per MoE layer
+    measured on an H200), while this is a cumulative sum over a small one-hot table, which
+    compiles into a couple of fused kernels. The row of pair p is
+        (pairs of lower experts) + (earlier pairs of the same expert)
+        = starts[keys[p]] + ranks[keys[p], p] - 1,
+    with ranks[e, p] = number of pairs q <= p whose key is e (the inclusive scan of the one-hot
+    row e) and starts the exclusive scan of the counts."""
+    experts = torch.arange(num_experts, device=keys.device)
+    one_hot = (keys[None, :] == experts[:, None]).to(torch.int32)               # [E, P]
+    ranks = one_hot.cumsum(1)                                                    # [E, P] inclusive
+    counts = one_hot.sum(1)                                                      # [E]
+    starts = counts.cumsum(0) - counts                                           # [E] exclusive
+    rank = ranks.gather(0, keys[None, :]).squeeze(0)                            # [P] ranks[keys[p], p]
+    return (starts[keys] + rank - 1).long(), counts.long()
+
+
+def route_pairs(x: torch.Tensor, flat_local: torch.Tensor, held: torch.Tensor | None, k: int,
+                num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The grouped GEMMs' inputs: x [T, hidden], flat_local [T*k] local expert id of each (token,
+    slot) pair (-1: not held), held [P] the held pairs' indices (None: every pair is held) ->
+    xs [P, hidden] the pairs' rows sorted by expert (stable), dest [T*k] each pair's row in xs (P
+    for pairs not held), offs [E] int32 the groups' end rows."""
+    keys = flat_local if held is None else flat_local[held]                     # [P]
+    P = keys.shape[0]
+    if P * num_experts <= MAX_COUNTING_ENTRIES:
+        dest_held, counts = expert_order(keys, num_experts)
+    else:   # radix sort; the inverse permutation is each pair's row
+        order = torch.argsort(keys, stable=True)
+        dest_held = torch.empty_like(order).scatter_(0, order, torch.arange(P, device=keys.device))
+        counts = torch.zeros(num_experts, dtype=torch.int64, device=keys.device).index_add_(
+            0, keys, torch.ones_like(keys))
+    pairs = torch.arange(P, device=keys.device) if held is None else held
+    order = torch.empty_like(pairs).scatter_(0, dest_held, pairs)               # [P] pair index by row
+    xs = x[order // k]                                                           # [P, hidden]
+    if held is None:
+        dest = dest_held
+    else:
+        dest = torch.full_like(flat_local, P).scatter_(0, held, dest_held)      # [T*k]
+    return xs, dest, counts.cumsum(0).to(torch.int32)
+
+
+def grouped_swiglu(h: torch.Tensor, limit: float) -> torch.Tensor:
+    """h [P, 2I] (gate | up) -> swiglu [P, I]."""
+    inter = h.shape[-1] // 2
+    return swiglu(h[:, :inter], h[:, inter:], limit)
+
+
+def combine_pairs(y: torch.Tensor, dest: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Σ_j weights[t, j] * y[dest[t*k + j]] in float32: y [P, hidden] the experts' rows, dest [T*k]
+    (P: a pair not held, contributes zero), weights [T, k] -> [T, hidden] in y's dtype."""
+    T, k = weights.shape
+    rows = torch.cat([y, y.new_zeros(1, y.shape[1])])[dest].unflatten(0, (T, k))   # [T, k, hidden]
+    return (rows.float() * weights.float()[..., None]).sum(1).to(y.dtype)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import RopeSpec
+from .cpu_kernels import linear
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -80,6 +81,23 @@ def sinkhorn_rows(comb: torch.Tensor, num_iters: int, eps: float) -> torch.Tenso
         x = normalize(x, in_row)
         x = normalize(x, in_col)
     return x.unflatten(-1, (n, n))
+
+
+def linear_f32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ weight [N, K]^T in float32 (inputs upcast), for the few-output fp32 products of
+    mHC (N = (2+hc)*hc = 24) and the gate logits (N = experts).
+
+    Inside a compiled CUDA graph (the decode regions) it is written as a broadcast product summed
+    over K, which Inductor turns into one reduction kernel fused with the upcasts (no fp32 copy of
+    the weight): cuBLAS runs such a [T, 8192] x [8192, 24] fp32 product as a SIMT SGEMM split
+    over K plus a separate split-K reduce, ~2x slower (H200, batch 64: 16 -> 9 us with mHC's
+    RMSNorm, 12 -> 8 us for a gate). Both sum in float32 (only the order differs; the reduction's
+    error against float64 measured no larger). Eagerly the broadcast would materialise [T, N, K],
+    so eager code and other compilers keep the plain matmul (on CPUs cpu_kernels.linear: the
+    few-row kernel at decode)."""
+    if x.is_cuda and torch.compiler.is_compiling():
+        return (x.float().unsqueeze(-2) * weight.float()).sum(-1)                # [..., N]
+    return linear(x.float(), weight.float())
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:

@@ -25,10 +25,10 @@ If compiling fails (no compiler, an unsupported op) the region says so once and 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .attention import attend_keys, project_out, select_entries
 from .compressor import pool_pushed
+from .cpu_kernels import linear
 from .fused import Compiled
 from .mhc import hc_args, hc_merge, hc_weights
 from .moe import gate, shared_expert
@@ -48,15 +48,15 @@ def attn_in(h, hc_fn, hc_base, hc_scale, norm_w, w_in, q_norm_w, wq_b, kv_norm_w
     gate; None where the layer has none), indexer queries [B, n_I, d_I] and weights [B, n_I] (or
     None), post, comb). `cs` / `idx_cs`: rope tables [B, half, 2] of the layer's / indexer's rope."""
     collapsed, post, comb = hc_weights(h, hc_fn, hc_base, hc_scale, hc, num_iters, eps, hc_eps, _sinkhorn(h))
-    proj = F.linear(rms_norm(collapsed, norm_w, eps), w_in).split(sizes, dim=-1)
+    proj = linear(rms_norm(collapsed, norm_w, eps), w_in).split(sizes, dim=-1)
     q_residual = rms_norm(proj[0], q_norm_w, eps)                                # [B, q_lora]
-    q = rms_norm(F.linear(q_residual, wq_b).unflatten(-1, (num_heads, -1)), None, eps)
+    q = rms_norm(linear(q_residual, wq_b).unflatten(-1, (num_heads, -1)), None, eps)
     q = rope_real(q, cs.unsqueeze(-3))                                           # [B, H, D]
     kv = rope_real(rms_norm(proj[1], kv_norm_w, eps), cs)                        # [B, D]
     comp = tuple(proj[2:6]) + (None,) * (4 - len(proj[2:6]))
     idx_q = idx_w = None
     if idx_wq_b is not None:
-        idx_q = rope_real(F.linear(q_residual, idx_wq_b).unflatten(-1, (num_index_heads, -1)), idx_cs.unsqueeze(-3))
+        idx_q = rope_real(linear(q_residual, idx_wq_b).unflatten(-1, (num_index_heads, -1)), idx_cs.unsqueeze(-3))
         idx_w = proj[6].float() * num_index_heads ** -0.5
     return q, kv, comp, idx_q, idx_w, post, comb
 

@@ -8,7 +8,7 @@ import torch
 
 from factories import random_ids, random_model, tiny_config
 from model_shards import SequenceState
-from model_shards.fused import GatheredExperts
+from model_shards.cpu_kernels import DecodeExperts
 
 
 @pytest.fixture(scope="module")
@@ -144,27 +144,36 @@ def test_expert_bank_subset_computes_its_share(model):
 
 
 def test_expert_bank_paths_agree(model, monkeypatch):
-    """The three ways a bank computes its experts: compiled gathers (CPU decode), one grouped GEMM,
+    """The three ways a bank computes its experts: the C kernel (CPU decode), one grouped GEMM,
     the per-expert loop."""
+    from model_shards import cpu_kernels
     bank, cfg = model.experts, model.config
     x, ids, w = routed_tokens(cfg, 9, seed=1)
-    assert bank.gathered.can_run(x, ids.numel(), len(bank.expert_ids))   # 18 pairs, 7 experts: decode-sized
-    gathered = bank(2, x, ids, w)
-    assert bank.gathered.is_enabled and bank.gathered._compiled is not None   # it compiled and ran
-    monkeypatch.setattr(bank.gathered, "is_enabled", False)
+    assert cpu_kernels.is_available()
+    assert bank.decode_experts.can_run(x, bank.w13[2], ids.numel(), len(bank.expert_ids))   # 18 pairs, 7 experts
+    kernel = bank(2, x, ids, w)
+    monkeypatch.setattr(bank.decode_experts, "is_enabled", False)
     assert bank._can_grouped_mm(x)            # CPU: the one-call path is the default otherwise
     grouped = bank(2, x, ids, w)
     monkeypatch.setattr(bank, "_is_grouped_mm_ok", False)
     looped = bank(2, x, ids, w)
-    assert rel_err(grouped, looped) <= 1e-6 and rel_err(gathered, looped) <= 1e-6
+    assert rel_err(grouped, looped) <= 1e-6 and rel_err(kernel, looped) <= 1e-6
     many = routed_tokens(cfg, 40, seed=2)     # 80 pairs > 4 per expert: the grouped GEMM again
-    assert not GatheredExperts(True).can_run(many[0], many[1].numel(), len(bank.expert_ids))
+    assert not DecodeExperts(True).can_run(many[0], bank.w13[2], many[1].numel(), len(bank.expert_ids))
 
 
-def test_only_single_process_banks_compile_their_experts(model):
+def test_expert_shard_banks_take_the_kernel_too(model):
+    """An expert shard's subset: pairs routed to experts it does not hold (-1) add nothing."""
     from model_shards import ExpertBank
-    assert model.experts.gathered.is_enabled
-    assert not ExpertBank(model.config, [0, 2, 4]).gathered.is_enabled     # an expert shard's subset
+    cfg = model.config
+    part = ExpertBank(cfg, [0, 2, 4])
+    for i, e in enumerate(part.expert_ids):
+        part.w13[1].data[i] = model.experts.w13[1][e]
+        part.w2t[1].data[i] = model.experts.w2t[1][e]
+    x, ids, w = routed_tokens(cfg, 3, seed=4)
+    assert part.decode_experts.can_run(x, part.w13[1], ids.numel(), len(part.expert_ids))
+    want = model.experts(1, x, ids, w * torch.isin(ids, torch.tensor(part.expert_ids)))
+    assert rel_err(part(1, x, ids, w), want) <= 1e-6
 
 
 def test_query_block_size_does_not_change_prefill(model, monkeypatch):
