@@ -307,6 +307,8 @@ def routed_experts(x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tens
         raise RuntimeError("dsv4 CPU kernels are not available")
     T, D = x.shape
     k, E, I = local_ids.shape[1], w13.shape[0], w2t.shape[1]
+    if D % 8 or x.dtype != torch.float32 or w13.dtype != torch.float32 or w2t.dtype != torch.float32:
+        raise ValueError(f"routed_experts takes fp32 inputs with hidden % 8 == 0 (got {x.dtype}, hidden {D})")
     x, w13, w2t = x.contiguous(), w13.contiguous(), w2t.contiguous()
     ids = local_ids.to(torch.int64).contiguous()
     wts = weights.to(torch.float32).contiguous()

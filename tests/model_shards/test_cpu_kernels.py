@@ -123,6 +123,12 @@ def test_routed_experts_with_no_held_pair_is_zero():
     assert torch.equal(y, torch.zeros(2, 16))
 
 
+def test_routed_experts_refuses_what_its_kernel_cannot_take():
+    with pytest.raises(ValueError, match="hidden % 8"):
+        torch.ops.dsv4.routed_experts(torch.zeros(2, 12), torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1),
+                                      torch.zeros(1, 4, 12), torch.zeros(1, 2, 12), 0.0)
+
+
 def test_decode_experts_takes_only_decode_sized_fp32_steps():
     w13 = torch.zeros(4, 8, 16)
     x = torch.zeros(3, 16)
