@@ -268,7 +268,8 @@ def linear_rows(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     x2 = x if x.dim() == 2 else x.reshape(-1, K)
     M = x2.shape[0]
     if (lib is None or K % 8 or x2.dtype != torch.float32 or w.dtype != torch.float32 or x2.stride(-1) != 1
-            or w.stride(-1) != 1 or w.stride(0) < K or (M > 1 and x2.stride(0) < K) or x2.is_cuda):
+            or w.stride(-1) != 1 or w.stride(0) < K or (M > 1 and x2.stride(0) < K)
+            or x2.device.type != "cpu" or w.device.type != "cpu"):
         return F.linear(x, w)
     y = torch.empty(M, N)
     if M:
@@ -307,8 +308,10 @@ def routed_experts(x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tens
         raise RuntimeError("dsv4 CPU kernels are not available")
     T, D = x.shape
     k, E, I = local_ids.shape[1], w13.shape[0], w2t.shape[1]
-    if D % 8 or x.dtype != torch.float32 or w13.dtype != torch.float32 or w2t.dtype != torch.float32:
-        raise ValueError(f"routed_experts takes fp32 inputs with hidden % 8 == 0 (got {x.dtype}, hidden {D})")
+    if (D % 8 or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in (x, w13, w2t))
+            or local_ids.device.type != "cpu" or weights.device.type != "cpu"):
+        raise ValueError(f"routed_experts takes fp32 CPU inputs with hidden % 8 == 0 (got {x.dtype} on "
+                         f"{x.device}, hidden {D})")
     x, w13, w2t = x.contiguous(), w13.contiguous(), w2t.contiguous()
     ids = local_ids.to(torch.int64).contiguous()
     wts = weights.to(torch.float32).contiguous()

@@ -6,13 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from factories import rel_err
 from model_shards import cpu_kernels
 from model_shards.cpu_kernels import DecodeExperts, linear
 from model_shards.ops import swiglu
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
 
 
 def close_to_linear(y, x, w):
