@@ -45,6 +45,7 @@ class StateAssembler:
         tensors = checkpoint.tensors
         check = layout.RunCheck(tensors, self.entry_rates, self.config.block_tokens)
         blocks: dict[str, list[torch.Tensor]] = {name: [] for name in check.rows_per_block}
+        sources: dict[int, int] = {}  # id(byte view) -> its first byte's address (the fused verify + copy)
         num_blocks = 0
         for hit, _, num_used in pieces:
             record = hit.record
@@ -54,12 +55,15 @@ class StateAssembler:
                 views = {name: _leading_rows(v, num_used * check.rows_per_block[name]) for name, v in views.items()}
                 count = num_used
             num_blocks += count
+            addresses = record.slot_addresses()  # (a leading-rows view starts where its tensor does)
             for name, view in views.items():
                 blocks[name].append(view)
+                if addresses is not None:
+                    sources[id(view)] = addresses[name]
         if check.finish(num_blocks) != position:
             raise ValueError(f"checkpoint holds {check.num_tokens} tokens")
         state = {name: blocks[name] + [t] if name in blocks else t for name, t in tensors.items()}
-        return DeferredState(state, [hit for hit, _, _ in pieces], self.stack.settle)
+        return DeferredState(state, [hit for hit, _, _ in pieces], self.stack.settle, sources)
 
     def assemble(self, pieces: list[tuple[Hit, int, int]], checkpoint: Record, position: int
                   ) -> dict[str, torch.Tensor]:

@@ -24,6 +24,9 @@ the tensor bytes) and the record's data region (a multiple of 8 bytes for the su
   of up to three words. Corruption in this system comes from storage and transport (bit flips,
   torn, truncated or misplaced writes), not from an adversary (anyone who can write the store
   can also write a valid checksum), and those patterns are caught.
+  The sums need not come from this module: `verify_column_sums` checks sums made by a pass that
+  copied the bytes at the same time (model_shards/byte_kernels.py, the restore's fused verify +
+  copy); the digest is defined once (`_colsum64_digest`), so both give the same bits.
 - ``"rowcol64"``: the words in rows of `row_words(n)` words (the power of two nearest above
   sqrt(n), at least 16); the digest is blake2b-128 over the header, the length, every row's sum
   and every column's sum (both mod 2**64) and the words of the last, partial row. Two
@@ -83,10 +86,27 @@ def _colsum64(header: bytes, data) -> str:
     if num_words > num_rows * width:
         tail = words[num_rows * width:]
         sums[:len(tail)] += tail  # the last row, zero-padded
+    return _colsum64_digest(header, num_words, width, sums)
+
+
+def _colsum64_digest(header: bytes, num_words: int, width: int, sums) -> str:
+    """colsum64's hex digest from its column sums (`width` little-endian uint64 words, any
+    buffer): the one place the digest is defined (`_colsum64` and `verify_column_sums`)."""
     digest = hashlib.sha256(header)
     digest.update(num_words.to_bytes(8, "little") + width.to_bytes(8, "little"))
     digest.update(sums)
     return digest.hexdigest()[:32]
+
+
+def verify_column_sums(stored: str, header: bytes, num_words: int, sums) -> bool:
+    """Whether `stored` (a ``"colsum64:<hex>"`` checksum) matches data of `num_words` words
+    whose column sums (rows of `col_words(num_words)` words, as `width` little-endian uint64
+    words in a buffer) are `sums`: the check of a pass that summed the words while copying
+    them (model_shards/byte_kernels.py). False for any other algorithm or a wrong width."""
+    width = col_words(num_words)
+    if not stored.startswith("colsum64:") or memoryview(sums).nbytes != 8 * width:
+        return False
+    return "colsum64:" + _colsum64_digest(header, num_words, width, sums) == stored
 
 
 def _rowcol64(header: bytes, data: memoryview) -> str:

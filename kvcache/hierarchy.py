@@ -180,15 +180,17 @@ class TierStack:
         if hasattr(tier, "collect_garbage"):
             self.writer.submit(tier.collect_garbage)
 
-    def settle(self, hit: Hit) -> bool:
+    def settle(self, hit: Hit, column_sums=None) -> bool:
         """Finish a `get_many(..., defer_verify=True)` hit: verify its record and promote it as
         `get_many` would have. False if it is corrupt: then it is deleted from its tier and
-        counted, and the caller must not use it (asking again searches the tiers below)."""
+        counted, and the caller must not use it (asking again searches the tiers below).
+        `column_sums`: the record's colsum64 column sums from a pass that copied its bytes
+        (`Record.verify`), checked instead of a checksum pass of its own."""
         if hit.pending is None:
             return True
         depth, key, value = hit.pending
         try:
-            hit.record.verify()
+            hit.record.verify(column_sums)
         except RecordError as exc:
             self._drop(self.tiers[depth], key, exc)
             return False

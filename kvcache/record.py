@@ -97,7 +97,7 @@ class Record:
     `tensors`, `byte_views` and `owned` run it first (so its bytes are never used unchecked).
     """
 
-    __slots__ = ("kind", "key", "is_borrowed", "_tensors", "_raw", "_slots", "_specs", "_check")
+    __slots__ = ("kind", "key", "is_borrowed", "_tensors", "_raw", "_slots", "_specs", "_check", "_address")
 
     def __init__(self, kind: str, key: str, tensors: dict[str, torch.Tensor] | None = None,
                  is_borrowed: bool = False):
@@ -107,24 +107,58 @@ class Record:
         self._slots: dict[str, Slot] | None = None
         self._specs: dict[str, tuple[torch.dtype, tuple[int, ...]]] | None = None  # (decoded records)
         self._check: tuple[str, bytes] | None = None  # (stored checksum, header) not yet verified
+        self._address: int | None = None  # where `_raw` starts (decoded records; made on first use)
 
     @classmethod
     def _decoded(cls, kind: str, key: str, raw: np.ndarray, slots: dict, specs: dict, is_borrowed: bool,
-                 check: tuple[str, bytes] | None = None) -> Record:
+                 check: tuple[str, bytes] | None = None, address: int | None = None) -> Record:
         record = cls(kind, key, None, is_borrowed)
         record._tensors, record._raw, record._slots, record._specs, record._check = None, raw, slots, specs, check
+        record._address = address
         return record
 
     @property
     def is_verified(self) -> bool:
         return self._check is None
 
-    def verify(self) -> None:
+    def verify(self, column_sums=None) -> None:
         """Run the checksum check `decode_record(..., verify=False)` left pending (once);
-        raises `RecordError` if the bytes are corrupt."""
+        raises `RecordError` if the bytes are corrupt. `column_sums`: the data region's
+        colsum64 column sums, made by a pass that read the bytes for another purpose (see
+        `fused_check`): the check then digests those instead of reading the bytes again."""
         if self._check is not None:
-            _verify_checksum(*self._check, self._raw)
+            if column_sums is None:
+                _verify_checksum(*self._check, self._raw)
+            elif not checksums.verify_column_sums(self._check[0], self._check[1], self._raw.nbytes // 8, column_sums):
+                raise RecordError("checksum mismatch")
             self._check = None
+
+    def fused_check(self) -> tuple[int, int, int] | None:
+        """For a pending ``colsum64`` check: (the data region's address, its words, the row
+        width), what a pass that sums the words while copying them needs (`verify` with
+        ``column_sums``); None when nothing is pending or the check is another algorithm's
+        (then `verify` reads the bytes itself)."""
+        check = self._check
+        if check is None or self._raw is None or not check[0].startswith("colsum64:") or self._raw.nbytes % 8:
+            return None
+        num_words = self._raw.nbytes // 8
+        return self.address, num_words, checksums.col_words(num_words)
+
+    @property
+    def address(self) -> int:
+        """Where a decoded record's data region starts in memory (the region stays alive while
+        the record does)."""
+        if self._address is None:
+            self._address = self._raw.__array_interface__["data"][0]
+        return self._address
+
+    def slot_addresses(self) -> dict[str, int] | None:
+        """Each tensor's first byte in memory (decoded records: the start of what `byte_views`
+        views); None for a record holding tensors."""
+        if self._slots is None:
+            return None
+        base = self.address
+        return {name: base + slot[0] for name, slot in self._slots.items()}
 
     @property
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -335,7 +369,8 @@ def _decode(data, fingerprint: str, expected_key: str | None, is_borrowed: bool,
             parsed = None
     if parsed is None:
         parsed, raw = _parse(data, view)
-        start = parse_cache.offset_in(np.frombuffer(view, dtype=np.uint8), raw.__array_interface__["data"][0])
+        address = raw.__array_interface__["data"][0]
+        start = parse_cache.offset_in(np.frombuffer(view, dtype=np.uint8), address)
         if start is not None:  # Arrow used the bytes in place (it did not copy them to align them)
             parse_cache.CACHE.put(framing, view, dataclasses.replace(parsed, data_start=start,
                                                                      data_end=start + raw.nbytes))
@@ -351,7 +386,7 @@ def _decode(data, fingerprint: str, expected_key: str | None, is_borrowed: bool,
     if not is_borrowed:  # one copy of all tensor bytes
         raw = raw.copy()
     return Record._decoded(parsed.kind, parsed.key, raw, parsed.slots, parsed.specs, is_borrowed,
-                           None if verify else check)
+                           None if verify else check, address if is_borrowed else None)
 
 
 def _parse(data, view: memoryview) -> tuple[parse_cache.Parsed, np.ndarray]:

@@ -22,7 +22,7 @@ from torch.nn.utils.rnn import pad_sequence
 from .batch import DecodeMeta, StepBatch
 from .compressor import Compressor, Indexer, RMSNormWeight, index_scores
 from .config import CSA, HCA, SLIDING, ModelConfig
-from .cpu_kernels import linear
+from .cpu_kernels import grouped_linear, linear
 from .fused import FusedLinear
 from .ops import rms_norm, rope_, stable_topk
 from .state import LayerState
@@ -282,18 +282,25 @@ def attend_keys(q: torch.Tensor, keys: torch.Tensor, key_ok: torch.Tensor, attn_
     """One query per row over its own keys (K = V): q [B, H, D], keys [B, L, D], key_ok [B, L]
     -> [B, H, D]; the per-head sink logit takes softmax mass but adds no value."""
     B = q.shape[0]
-    logits = torch.bmm(q * q.shape[-1] ** -0.5, keys.transpose(1, 2))            # [B, H, L]
+    # compiled on a CPU: the two products as reductions Inductor fuses with the softmax (MKL's
+    # batched GEMM costs ~70 us a call at these sizes: B tiny [H, D] x [D, L] products)
+    is_fused = torch.compiler.is_compiling() and q.device.type == "cpu"
+    q = q * q.shape[-1] ** -0.5
+    if is_fused:
+        logits = (q.unsqueeze(2) * keys.unsqueeze(1)).sum(-1)                  # [B, H, L]
+    else:
+        logits = torch.bmm(q, keys.transpose(1, 2))                             # [B, H, L]
     logits = logits.masked_fill(~key_ok.unsqueeze(1), float("-inf"))
     sink = attn_sink.to(logits.dtype).view(1, -1, 1).expand(B, -1, 1)           # [B, H, 1]
     probs = torch.cat([logits, sink], dim=-1).softmax(dim=-1)[..., :-1]
+    if is_fused:
+        return (probs.unsqueeze(-1) * keys.unsqueeze(1)).sum(2)                # [B, H, D]
     return torch.bmm(probs, keys)
 
 
 def project_out(o: torch.Tensor, wo_a: torch.Tensor, wo_b: torch.Tensor, num_groups: int) -> torch.Tensor:
     """o [T, H, D] -> [T, hidden] through the grouped low-rank projection: group g maps its
     H*D/G inputs with wo_a's rows [g*r, (g+1)*r), then wo_b mixes the G*r."""
-    T = o.shape[0]
-    grouped = o.reshape(T, num_groups, -1).transpose(0, 1)                       # [G, T, H*D/G]
     w = wo_a.view(num_groups, wo_a.shape[0] // num_groups, -1)                   # [G, r, H*D/G]
-    mid = torch.bmm(grouped, w.transpose(1, 2)).transpose(0, 1).reshape(T, -1)   # [T, G*r]
+    mid = grouped_linear(o.reshape(o.shape[0], -1), w)                           # [T, G*r]
     return linear(mid, wo_b)

@@ -32,6 +32,9 @@ class StepBatch:
     # complex64 [T, rope_dim // 2] (ops.rope_cis)
     rope: dict[str, torch.Tensor] = field(default_factory=dict)
     decode: "DecodeMeta | None" = None  # set by the model when every decode state is in one StatePool
+    # outputs a compiled decode region computed ahead for the step's next call: kind -> (layer id,
+    # the h they came from, outputs); written and read only by regions.DecodeRegions
+    ahead: dict[str, tuple] = field(default_factory=dict)
 
     @classmethod
     def build(cls, states: list[SequenceState], token_ids: list[torch.Tensor],

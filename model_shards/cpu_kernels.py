@@ -10,12 +10,13 @@ tile of 4 weight rows x 2 input rows (8 accumulators of 8 floats: the loads and 
 the stream), and split the output columns over the threads.
 
     linear_rows(x, w)            x [..., K] @ w[N, K].T -> [..., N]   (<= MAX_ROWS rows)
-    routed_experts(x, ids, weights, w13, w2t, limit)
-                                 Σ_j weights[t, j] · expert_{ids[t, j]}(x[t]) -> [T, D]
+    linear_groups(x, w)          x [M, G*K], w [G, N, K] -> [M, G*N]  (per-group linear_rows)
+    sinkhorn(comb, iters, eps)   mHC's Sinkhorn passes on [..., n, n]
+    routed_experts               (cpu_experts.py: the routed experts of a decode step)
 
-Both are registered torch ops (`torch.ops.dsv4.*`, a CPU kernel and a fake), so compiled regions
-call them as opaque kernels; `linear` below picks `linear_rows` for few-row fp32 CPU inputs, and
-`DecodeExperts` is an ExpertBank's decode path. The C source is compiled once per machine with the
+They are registered torch ops (`torch.ops.dsv4.*`, a CPU kernel and a fake), so compiled regions
+call them as opaque kernels; `linear` below picks `linear_rows` for few-row fp32 CPU inputs,
+`grouped_linear` `linear_groups`, and cpu_experts.DecodeExperts is an ExpertBank's decode path. The C source is compiled once per machine with the
 system C compiler (`cc -O3 -march=native -fopenmp`; with the torch wheels used here its OpenMP
 calls bind to torch's own libgomp, so there is one thread pool) into $DSV4_KERNEL_CACHE (default
 ~/.cache/dsv4-serve/kernels), keyed by the source, the flags and the CPU's feature flags. Without a
@@ -31,15 +32,11 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import platform
-import subprocess
-import tempfile
-import warnings
 
 import torch
 import torch.nn.functional as F
+
+from .native_build import build_or_warn
 
 MAX_ROWS = 16                   # linear_rows: more rows than this and MKL's blocked sgemm wins
 PARALLEL_MIN_WEIGHTS = 1 << 17  # linear_rows: smaller weight matrices (floats) run on one thread
@@ -65,9 +62,14 @@ static inline float hsum(v8 v) {   /* a fixed order: the same result on every ca
    tile (tails repeat a row pointer and drop the extra outputs), so a dot product's rounding never
    depends on where its row or column falls. */
 static inline void tile(const float* w0, const float* w1, const float* w2, const float* w3,
-                        const float* x0, const float* x1, int64_t K, float out[2][4]) {
+                        const float* x0, const float* x1, int64_t K, float out[2][4], const float* next,
+                        int64_t ld_next) {
     v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
     for (int64_t k = 0; k < K; k += 8) {
+        if (next && !(k & 15)) {   /* one cache line of each next row per 16 floats of this one */
+            __builtin_prefetch(next + k); __builtin_prefetch(next + ld_next + k);
+            __builtin_prefetch(next + 2 * ld_next + k); __builtin_prefetch(next + 3 * ld_next + k);
+        }
         v8 r0 = ld(w0 + k), r1 = ld(w1 + k), r2 = ld(w2 + k), r3 = ld(w3 + k);
         v8 c0 = ld(x0 + k), c1 = ld(x1 + k);
         a0 += r0 * c0; a1 += r1 * c0; a2 += r2 * c0; a3 += r3 * c0;
@@ -79,7 +81,8 @@ static inline void tile(const float* w0, const float* w1, const float* w2, const
 
 /* y[m, n] = sum_k x[m, k] w[n, k] for n in [n0, n1). The 4 weight rows of a tile (16K floats at
    most) stay in L1 while the input row pairs pass over them: each weight row is read from memory
-   once per call. */
+   once per call. The tiles of rows n prefetch rows n + 4..n + 7 (measured: the weight stream
+   then overlaps the FMAs, 10-20% faster over a decode step's matrices at 1-8 rows). */
 static void rows_range(const float* x, int64_t ldx, const float* w, int64_t ldw, float* y, int64_t ldy,
                        int64_t M, int64_t K, int64_t n0, int64_t n1) {
     float out[2][4];
@@ -90,7 +93,8 @@ static void rows_range(const float* x, int64_t ldx, const float* w, int64_t ldw,
         for (int64_t m = 0; m < M; m += 2) {
             int64_t mm = M - m < 2 ? M - m : 2;
             const float* x0 = x + m * ldx;
-            tile(wr[0], wr[1], wr[2], wr[3], x0, mm == 2 ? x0 + ldx : x0, K, out);
+            tile(wr[0], wr[1], wr[2], wr[3], x0, mm == 2 ? x0 + ldx : x0, K, out,
+                 n + 8 <= n1 ? w + (n + 4) * ldw : 0, ldw);
             for (int64_t c = 0; c < mm; c++)
                 for (int64_t r = 0; r < nn; r++) y[(m + c) * ldy + n + r] = out[c][r];
         }
@@ -113,6 +117,46 @@ void linear_rows(const float* x, int64_t ldx, const float* w, int64_t ldw, float
         int64_t n0, n1;
         split(N, omp_get_thread_num(), omp_get_num_threads(), &n0, &n1);
         rows_range(x, ldx, w, ldw, y, ldy, M, K, n0, n1);
+    }
+}
+
+/* Grouped rows: y[m, g*N + n] = sum_k x[m, g*K + k] w[g, n, k] for G groups (attention's grouped
+   output projection). The G*N output columns are split over the threads as one range, each
+   column from the same tile as linear_rows. */
+void linear_groups(const float* x, int64_t ldx, const float* w, float* y, int64_t M, int64_t G, int64_t N,
+                   int64_t K, int num_threads) {
+    if (num_threads <= 1 || G * N < 8) {
+        for (int64_t g = 0; g < G; g++) rows_range(x + g * K, ldx, w + g * N * K, K, y + g * N, G * N, M, K, 0, N);
+        return;
+    }
+    #pragma omp parallel num_threads(num_threads)
+    {
+        int64_t c0, c1;
+        split(G * N, omp_get_thread_num(), omp_get_num_threads(), &c0, &c1);
+        for (int64_t g = 0; g < G; g++) {
+            int64_t n0 = c0 - g * N < 0 ? 0 : c0 - g * N, n1 = c1 - g * N > N ? N : c1 - g * N;
+            if (n0 < n1) rows_range(x + g * K, ldx, w + g * N * K, K, y + g * N, G * N, M, K, n0, n1);
+        }
+    }
+}
+
+/* mHC's Sinkhorn on B matrices n x n (row-major, in place): a column pass, then num_iters - 1
+   (row pass, column pass) pairs; a pass divides each element by its column's (row's) sum + eps,
+   the sums taken first, in index order (numpy's order for these sizes: bitwise ops.sinkhorn). */
+void sinkhorn(float* a, int64_t B, int64_t n, int64_t num_iters, float eps) {
+    float sums[64];
+    for (int64_t b = 0; b < B; b++) {
+        float* m = a + b * n * n;
+        for (int64_t it = 0; it < 2 * num_iters - 1; it++) {
+            int is_col = (it % 2 == 0);   /* column passes at even steps: first and last */
+            for (int64_t i = 0; i < n; i++) {
+                float s = 0.0f;
+                for (int64_t j = 0; j < n; j++) s += is_col ? m[j * n + i] : m[i * n + j];
+                sums[i] = s + eps;
+            }
+            for (int64_t i = 0; i < n; i++)
+                for (int64_t j = 0; j < n; j++) m[i * n + j] /= sums[is_col ? j : i];
+        }
     }
 }
 
@@ -195,46 +239,13 @@ void routed_experts(const float* x, int64_t T, int64_t D, int64_t I, const int64
 """
 
 
-def _cache_dir() -> str:
-    return os.environ.get("DSV4_KERNEL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dsv4-serve",
-                                                                "kernels")
-
-
-def _cpu_flags() -> str:
-    """The CPU's feature flags (what -march=native compiles for): a cached build is only reused on
-    a CPU with the same features."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return line
-    except OSError:
-        pass
-    return platform.processor() + platform.machine()
-
-
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    """The compiled kernels, built on first use (atomically: concurrent processes may race), or None
-    (warned once) when there is no C compiler or the build fails."""
-    key = hashlib.sha256("\0".join([_SOURCE, *_FLAGS, _cpu_flags()]).encode()).hexdigest()[:16]
-    path = os.path.join(_cache_dir(), f"dsv4_kernels_{key}.so")
-    try:
-        if not os.path.exists(path):
-            os.makedirs(_cache_dir(), exist_ok=True)
-            staged = f"{path}.{os.getpid()}.tmp"    # built beside its final name, then renamed in
-            with tempfile.TemporaryDirectory() as tmp:
-                src = os.path.join(tmp, "kernels.c")
-                with open(src, "w") as f:
-                    f.write(_SOURCE)
-                cc = os.environ.get("CC", "cc")
-                subprocess.run([cc, *_FLAGS, src, "-o", staged, "-lm"], check=True, capture_output=True, timeout=120)
-            os.replace(staged, path)
-        lib = ctypes.CDLL(path)
-    except (OSError, subprocess.SubprocessError) as e:
-        detail = getattr(e, "stderr", b"") or b""
-        warnings.warn(f"CPU decode kernels unavailable ({type(e).__name__}: {e} {detail.decode(errors='replace')[:300]}); "
-                      "few-row matmuls use torch")
+    """The compiled kernels, built on first use (native_build.py: cached per machine, atomically),
+    or None (warned once) when there is no C compiler or the build fails."""
+    lib = build_or_warn("dsv4_kernels", _SOURCE, _FLAGS, "CPU decode kernels",
+                        "few-row matmuls use torch")
+    if lib is None:
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.linear_rows.argtypes = [ptr, i64, ptr, i64, ptr, i64, i64, i64, i64, ctypes.c_int]
@@ -242,6 +253,10 @@ def _library() -> ctypes.CDLL | None:
     lib.routed_experts.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, i64, ptr, ptr, ctypes.c_float, ptr, ptr, ptr,
                                    ctypes.c_int]
     lib.routed_experts.restype = None
+    lib.linear_groups.argtypes = [ptr, i64, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
+    lib.linear_groups.restype = None
+    lib.sinkhorn.argtypes = [ptr, i64, i64, i64, ctypes.c_float]
+    lib.sinkhorn.restype = None
     return lib
 
 
@@ -256,7 +271,8 @@ def is_available() -> bool:
 # DecodeExperts call the functions directly); compiled regions reach them as opaque ops.
 _OPS = torch.library.Library("dsv4", "DEF")
 _OPS.define("linear_rows(Tensor x, Tensor w) -> Tensor")
-_OPS.define("routed_experts(Tensor x, Tensor local_ids, Tensor weights, Tensor w13, Tensor w2t, float limit) -> Tensor")
+_OPS.define("linear_groups(Tensor x, Tensor w) -> Tensor")
+_OPS.define("sinkhorn(Tensor comb, int num_iters, float eps) -> Tensor")
 
 
 def linear_rows(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -296,58 +312,73 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.linear(x, w)
 
 
-# ---- routed_experts ----------------------------------------------------------------------------
-
-def routed_experts(x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
-                   w2t: torch.Tensor, limit: float) -> torch.Tensor:
-    """Σ_j weights[t, j] · expert_{local_ids[t, j]}(x[t]) for x [T, D] fp32, local_ids [T, k] (-1:
-    not held), w13 [E, 2I, D], w2t [E, I, D] -> [T, D]; `limit` the SwiGLU clamp (<= 0: none).
-    Requires the kernels (`is_available()`) and D % 8 == 0."""
+def linear_groups(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [M, G*K] (group g: columns [g*K, (g+1)*K)) and w [G, N, K] -> [M, G*N]: group g's columns
+    of the output are x's group g @ w[g].T (attention's grouped output projection). Each column
+    is computed exactly as `linear_rows` computes it; torch's bmm when the kernels or the layout
+    do not fit."""
     lib = _library()
-    if lib is None:
-        raise RuntimeError("dsv4 CPU kernels are not available")
-    T, D = x.shape
-    k, E, I = local_ids.shape[1], w13.shape[0], w2t.shape[1]
-    if (D % 8 or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in (x, w13, w2t))
-            or local_ids.device.type != "cpu" or weights.device.type != "cpu"):
-        raise ValueError(f"routed_experts takes fp32 CPU inputs with hidden % 8 == 0 (got {x.dtype} on "
-                         f"{x.device}, hidden {D})")
-    x, w13, w2t = x.contiguous(), w13.contiguous(), w2t.contiguous()
-    ids = local_ids.to(torch.int64).contiguous()
-    wts = weights.to(torch.float32).contiguous()
-    nt = max(1, torch.get_num_threads())
-    P = T * k
-    scratch = torch.empty(nt * T * D + nt * P * (3 * I + D), dtype=torch.float32)
-    order = torch.empty(P + 2 * E + 1, dtype=torch.int64)
-    y = torch.empty(T, D, dtype=torch.float32)
-    lib.routed_experts(x.data_ptr(), T, D, I, ids.data_ptr(), wts.data_ptr(), k, E, w13.data_ptr(),
-                       w2t.data_ptr(), float(limit), y.data_ptr(), scratch.data_ptr(), order.data_ptr(), nt)
+    G, N, K = w.shape
+    M = x.shape[0]
+    if (lib is None or K % 8 or x.dim() != 2 or x.shape[1] != G * K or x.dtype != torch.float32
+            or w.dtype != torch.float32 or x.stride(-1) != 1 or (M > 1 and x.stride(0) < G * K)
+            or not w.is_contiguous() or x.device.type != "cpu" or w.device.type != "cpu"):
+        return torch.bmm(x.reshape(M, G, K).transpose(0, 1), w.transpose(1, 2)).transpose(0, 1).reshape(M, G * N)
+    y = torch.empty(M, G * N)
+    if M:
+        lib.linear_groups(x.data_ptr(), x.stride(0), w.data_ptr(), y.data_ptr(), M, G, N, K,
+                          torch.get_num_threads() if G * N * K >= PARALLEL_MIN_WEIGHTS else 1)
     return y
 
 
-_OPS.impl("routed_experts", routed_experts, "CPU")
+_OPS.impl("linear_groups", linear_groups, "CPU")
 
 
-@torch.library.register_fake("dsv4::routed_experts")
-def _(x, local_ids, weights, w13, w2t, limit):
-    return torch.empty_like(x)
+@torch.library.register_fake("dsv4::linear_groups")
+def _(x, w):
+    return x.new_empty(x.shape[0], w.shape[0] * w.shape[1])
 
 
-class DecodeExperts:
-    """An ExpertBank's CPU decode path: `routed_experts` for steps with few (token, expert) pairs.
-    Past `MAX_PAIRS_PER_EXPERT` pairs per held expert (prefill) MKL's grouped GEMM reads its weights
-    as fast and computes faster, and the bank uses that. Owns: only its on / off flag."""
+def sinkhorn(comb: torch.Tensor, num_iters: int, eps: float) -> torch.Tensor | None:
+    """ops.sinkhorn of fp32 CPU comb [..., n, n] (n <= 64) in C, bitwise equal to its numpy form;
+    None when the kernels are missing (the caller then runs its own)."""
+    lib = _library()
+    n = comb.shape[-1]
+    if lib is None or n > 64 or comb.dtype != torch.float32 or comb.device.type != "cpu":
+        return None
+    out = comb.detach().contiguous().clone()
+    lib.sinkhorn(out.data_ptr(), out.numel() // (n * n), n, num_iters, eps)
+    return out
 
-    MAX_PAIRS_PER_EXPERT = 4
 
-    def __init__(self, is_enabled: bool = True):
-        self.is_enabled = is_enabled
+def _sinkhorn_op(comb: torch.Tensor, num_iters: int, eps: float) -> torch.Tensor:
+    out = sinkhorn(comb, num_iters, eps)
+    if out is None:
+        raise ValueError("dsv4::sinkhorn takes fp32 CPU [..., n, n] (n <= 64) and needs the kernels")
+    return out
 
-    def can_run(self, x: torch.Tensor, w13: torch.Tensor, num_pairs: int, num_experts: int) -> bool:
-        return (self.is_enabled and x.device.type == "cpu" and x.dtype == torch.float32
-                and w13.dtype == torch.float32 and x.shape[-1] % 8 == 0
-                and 0 < num_pairs <= self.MAX_PAIRS_PER_EXPERT * num_experts and is_available())
 
-    def __call__(self, x, local_ids, weights, w13, w2t, limit: float) -> torch.Tensor:
-        """x [T, D], local_ids / weights [T, k] -> [T, D] (pairs with id -1 are skipped)."""
-        return routed_experts(x, local_ids, weights, w13.detach(), w2t.detach(), float(limit))
+_OPS.impl("sinkhorn", _sinkhorn_op, "CPU")
+
+
+@torch.library.register_fake("dsv4::sinkhorn")
+def _(comb, num_iters, eps):
+    return torch.empty_like(comb, memory_format=torch.contiguous_format)
+
+
+def grouped_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """`linear_groups` for few-row fp32 CPU inputs (traceable: the op in compiled regions), torch's
+    bmm otherwise: x [M, G*K], w [G, N, K] -> [M, G*N]."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32 and x.shape[0] <= MAX_ROWS:
+        return torch.ops.dsv4.linear_groups(x, w) if torch.compiler.is_compiling() else linear_groups(x, w)
+    G, N, K = w.shape
+    M = x.shape[0]
+    return torch.bmm(x.reshape(M, G, K).transpose(0, 1), w.transpose(1, 2)).transpose(0, 1).reshape(M, G * N)
+
+
+def sinkhorn_compiled_cpu(comb: torch.Tensor, num_iters: int, eps: float) -> torch.Tensor:
+    """mHC's Sinkhorn inside compiled CPU regions: the C kernel as one opaque op (Inductor would
+    unroll the 2 * num_iters - 1 passes into ~40 buffers), eagerly the direct call."""
+    if torch.compiler.is_compiling():
+        return torch.ops.dsv4.sinkhorn(comb, num_iters, eps)
+    return _sinkhorn_op(comb, num_iters, eps)

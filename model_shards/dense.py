@@ -67,6 +67,7 @@ class MoEWork:
     post: torch.Tensor        # [T, hc]
     comb: torch.Tensor        # [T, hc, hc]
     is_region: bool = False   # made by DecodeRegions: its shared expert and combine run there too
+    batch: StepBatch | None = None   # the step (DecodeRegions: the combine runs the next layer's attn_in too)
 
 
 class DenseModel(nn.Module):
@@ -135,7 +136,7 @@ class DenseModel(nn.Module):
     def moe_begin(self, layer_id: int, h: torch.Tensor, batch: StepBatch) -> MoEWork:
         if self.regions.can_run(batch):
             x, expert_ids, weights, post, comb = self.regions.moe_begin(self, layer_id, h, batch)
-            return MoEWork(layer_id, x, expert_ids, weights, h, post, comb, is_region=True)
+            return MoEWork(layer_id, x, expert_ids, weights, h, post, comb, is_region=True, batch=batch)
         block = self.layers[layer_id]
         collapsed, post, comb = self._hc_weights(h, block.hc_ffn_fn, block.hc_ffn_base, block.hc_ffn_scale)
         x = block.ffn_norm(collapsed)

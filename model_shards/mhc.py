@@ -35,6 +35,11 @@ def hc_weights(h: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: tor
     post = 2 * gates[:, hc:]
     comb = torch.softmax(mixes[:, 2 * hc:].unflatten(-1, (hc, hc)), dim=-1) + hc_eps
     comb = sinkhorn_fn(comb, num_iters, hc_eps)
+    if _is_elementwise(h):
+        collapsed = pre[:, 0, None] * h[:, 0].float()                           # Σ_k pre_k h_k, k in order
+        for k in range(1, h.shape[1]):
+            collapsed = collapsed + pre[:, k, None] * h[:, k].float()
+        return collapsed.to(h.dtype), post, comb
     collapsed = torch.bmm(pre.unsqueeze(1), h.float()).squeeze(1).to(h.dtype)  # Σ_k pre_k h_k
     return collapsed, post, comb
 
@@ -42,5 +47,18 @@ def hc_weights(h: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: tor
 def hc_merge(out: torch.Tensor, h: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
     """h'_k = post_k * out + Σ_j comb[j, k] h_j   ([T, hidden], [T, hc, hidden] -> [T, hc, hidden])."""
     dtype = h.dtype
+    if _is_elementwise(h):     # in float32, the j terms added in order
+        merged = post.unsqueeze(-1) * out.float().unsqueeze(-2)                 # [T, hc, hidden]
+        for j in range(h.shape[1]):
+            merged = merged + comb[:, j, :, None] * h[:, j, None, :].float()
+        return merged.to(dtype)
     spread = post.to(dtype).unsqueeze(-1) * out.unsqueeze(-2)                  # [T, hc, hidden]
     return torch.baddbmm(spread, comb.to(dtype).transpose(-1, -2), h)
+
+
+def _is_elementwise(h: torch.Tensor) -> bool:
+    """Collapse / merge as hc unrolled multiply-adds rather than a batched matmul: inside compiled
+    regions (they fuse into the surrounding loops) and for CPU decode-sized inputs, where a bmm of
+    T tiny [1, hc] x [hc, hidden] products costs ~50 us of dispatch and threading. Large eager
+    inputs (prefill) keep the bmm: the unrolled form would write hc (merge: hc^2) temporaries."""
+    return torch.compiler.is_compiling() or (h.device.type == "cpu" and h.shape[0] <= 64)

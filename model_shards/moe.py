@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from .config import HASH_MOE, ModelConfig
-from .cpu_kernels import DecodeExperts, linear
+from .cpu_experts import DecodeExperts
+from .cpu_kernels import linear
 from .fused import Compiled, FusedLinear
 from .ops import linear_f32, score_fn, stable_topk, swiglu
 
@@ -89,7 +90,7 @@ class ExpertBank(nn.Module):
     matmul pair over its rows: every expert in one `torch._grouped_mm` call where the backend has it
     (no per-expert Python), else a loop. (An "every held expert on every token" variant measured 3x
     slower on CPU at decode batch 8, so it was removed.) CPU steps with a few pairs per expert
-    (decode) take `cpu_kernels.DecodeExperts` instead: a C kernel that reads each hit expert's
+    (decode) take `cpu_experts.DecodeExperts` instead: a C kernel that reads each hit expert's
     weights once, 2-4x faster there than the grouped GEMM.
     """
 

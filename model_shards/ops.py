@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import RopeSpec
+from . import cpu_kernels
 from .cpu_kernels import linear
 
 
@@ -36,8 +37,12 @@ def sinkhorn(comb: torch.Tensor, num_iters: int, eps: float) -> torch.Tensor:
     ending with columns: `num_iters` column passes and `num_iters - 1` row passes, each x / (sum + eps).
 
     The matrices are tiny (hc x hc per token) and the loop is pure per-op overhead, so on CPU it
-    runs in numpy in place (same float32 arithmetic, bitwise equal, ~3x faster than torch ops)."""
+    runs as one C call (cpu_kernels.sinkhorn), or in numpy in place when the kernels are not built
+    (same float32 arithmetic in the same order: both bitwise equal to the torch ops here)."""
     if comb.device.type == "cpu" and comb.dtype == torch.float32:
+        out = cpu_kernels.sinkhorn(comb, num_iters, eps)      # the same passes in C (None: not built)
+        if out is not None:
+            return out
         a = comb.detach().numpy().copy()
         e = np.float32(eps)
         a /= a.sum(axis=-2, keepdims=True) + e

@@ -1,12 +1,13 @@
-"""DecodeRegions: a pooled decode step's per-layer work as five pure tensor functions, each run as
-one compiled unit (a transform in the gpt-fast sense: the math is the model files' own functions,
+"""DecodeRegions: a pooled decode step's per-layer work as pure tensor functions, each run as one
+compiled unit (a transform in the gpt-fast sense: the math is the model files' own functions,
 only how it is launched changes).
 
 Why: a decode step is hundreds of tiny operators per layer (mHC's Sinkhorn, norms, rope, the
 compressors' window pooling, gating). Eagerly each costs a CPU dispatch (~4 us) or a GPU kernel
-launch; compiled, a region becomes a few fused loops / kernels around its matmuls. The regions of
-layer i (every layer type shares them; weights are arguments, so one compilation serves all
-layers of a kind):
+launch; compiled, a region becomes a few fused loops / kernels around its matmuls, and every
+compiled call costs its guards and wrapper (~0.1 ms on CPUs), so regions are as large as the
+step's structure allows. The pieces (every layer type shares them; weights are arguments, so one
+compilation serves all layers of a kind):
 
     attn_in    mHC pre -> attn_norm -> in-projection -> q / kv / indexer queries (norms, rope)
     compress   one compressor: tail writes, window pooling, entry write (per compressor, only
@@ -15,7 +16,15 @@ layers of a kind):
                -> grouped output projection -> mHC merge
     moe_in     mHC pre -> ffn_norm -> gate (hash or learned)
     moe_out    shared expert (unless given) + routed -> mHC merge
-The routed experts stay the ExpertBank's (their own compiled CPU path, or grouped GEMMs).
+and they run as three regions per layer plus the compressors:
+
+    [moe_out(i-1) + attn_in(i)]  [compress ...]  [attn_out(i) + moe_in(i)]  <routed experts>
+(layer 0 runs attn_in alone, the last layer's moe_out runs alone). The routed experts stay the
+ExpertBank's (C kernels on CPUs, grouped GEMMs on GPUs) or the remote shards'. The step API
+(DenseModel.attention_sublayer / moe_begin / moe_end) is unchanged: a merged region computes the
+next call's outputs ahead and leaves them in the step's `StepBatch.ahead`, keyed by what they
+are, the layer and the residual h they came from; the next call takes them only when its
+(layer, h) match, and computes its own region otherwise.
 
 Owns: the compiled function of each region (one set per DenseModel). Only decode-only steps whose
 states share the model's StatePool take this path (`can_run`); prefill keeps the eager modules.
@@ -28,7 +37,8 @@ import torch
 
 from .attention import attend_keys, project_out, select_entries
 from .compressor import pool_pushed
-from .cpu_kernels import linear
+from . import cpu_kernels
+from .cpu_kernels import linear, sinkhorn_compiled_cpu
 from .fused import Compiled
 from .mhc import hc_args, hc_merge, hc_weights
 from .moe import gate, shared_expert
@@ -36,9 +46,17 @@ from .ops import rms_norm, rope_real, sinkhorn_rows, sinkhorn_torch
 
 
 def _sinkhorn(h: torch.Tensor):
-    """The Sinkhorn form that compiles best on h's device: the plain loop becomes one C++ loop on
-    CPUs, while Triton needs the one-row form (ops.sinkhorn_rows) to avoid a kernel per pass."""
-    return sinkhorn_rows if h.is_cuda else sinkhorn_torch
+    """The Sinkhorn form that compiles best on h's device: on CPUs the C kernel as one opaque op
+    (Inductor would unroll the passes into ~40 buffers; the plain loop without the kernels),
+    while Triton needs the one-row form (ops.sinkhorn_rows) to avoid a kernel per pass."""
+    if h.is_cuda:
+        return sinkhorn_rows
+    return sinkhorn_compiled_cpu if _has_cpu_kernels() else sinkhorn_torch
+
+
+@torch.compiler.assume_constant_result
+def _has_cpu_kernels() -> bool:   # a constant while tracing (whether the kernels built never changes)
+    return cpu_kernels.is_available()
 
 
 def attn_in(h, hc_fn, hc_base, hc_scale, norm_w, w_in, q_norm_w, wq_b, kv_norm_w, cs, idx_wq_b, idx_cs,
@@ -92,6 +110,26 @@ def moe_out(routed, shared, x, w13, w2, h, post, comb, limit: float):
     return hc_merge(routed + shared, h, post, comb)
 
 
+def attn_out_moe_in(q, kv, ring, slot_ids, ring_rows, window_ok, entry_pages, page_table, entry_ok, index_pages,
+                    idx_q, idx_w, attn_sink, cs, wo_a, wo_b, h, post, comb, num_groups: int, topk: int,
+                    hc_fn, hc_base, hc_scale, norm_w, token_ids, gate_w, bias, tid2eid, hc: int, num_iters: int,
+                    eps: float, hc_eps: float, scoring: str, k: int, scaling: float):
+    """attn_out, then the same layer's moe_in on its output -> (h, x, expert_ids, weights, post, comb)."""
+    h = attn_out(q, kv, ring, slot_ids, ring_rows, window_ok, entry_pages, page_table, entry_ok, index_pages,
+                 idx_q, idx_w, attn_sink, cs, wo_a, wo_b, h, post, comb, num_groups, topk)
+    return (h,) + moe_in(h, hc_fn, hc_base, hc_scale, norm_w, token_ids, gate_w, bias, tid2eid, hc, num_iters,
+                         eps, hc_eps, scoring, k, scaling)
+
+
+def moe_out_attn_in(routed, shared, x, w13, w2, h, post, comb, limit: float, hc_fn, hc_base, hc_scale, norm_w,
+                    w_in, q_norm_w, wq_b, kv_norm_w, cs, idx_wq_b, idx_cs, sizes: tuple[int, ...], hc: int,
+                    num_iters: int, eps: float, hc_eps: float, num_heads: int, num_index_heads: int):
+    """moe_out of layer i, then attn_in of layer i + 1 on its output -> (h, attn_in's outputs)."""
+    h = moe_out(routed, shared, x, w13, w2, h, post, comb, limit)
+    return h, attn_in(h, hc_fn, hc_base, hc_scale, norm_w, w_in, q_norm_w, wq_b, kv_norm_w, cs, idx_wq_b, idx_cs,
+                      sizes, hc, num_iters, eps, hc_eps, num_heads, num_index_heads)
+
+
 def _dims(names: str) -> dict[str, tuple[int, ...]]:
     return {name: (0,) for name in names.split()}
 
@@ -106,14 +144,17 @@ class DecodeRegions:
         wrap = Compiled if is_compiled else (lambda fn, dims: fn)
         # the arguments whose sizes vary between steps (rows, slots, pages, page-table widths): dim 0
         # unless said; everything else (weights, constants) is compiled static
+        attn_out_dims = {**_dims("q kv ring slot_ids ring_rows window_ok entry_pages index_pages idx_q idx_w cs h "
+                                 "post comb"), "page_table": (0, 1), "entry_ok": (0, 1)}
         self.attn_in = wrap(attn_in, _dims("h cs idx_cs"))
         self._wrap = wrap
         self._compress: dict[tuple, object] = {}    # one per compressor kind: `compress`
-        self.attn_out = wrap(attn_out, {**_dims("q kv ring slot_ids ring_rows window_ok entry_pages index_pages idx_q "
-                                                "idx_w cs h post comb"), "page_table": (0, 1), "entry_ok": (0, 1)})
         self.moe_in = wrap(moe_in, _dims("h token_ids"))
         self.moe_out = wrap(moe_out, _dims("routed shared x h post comb"))
         self.shared = wrap(shared_expert, _dims("x"))
+        self._merged_dims = {attn_out_moe_in: {**attn_out_dims, **_dims("token_ids")},
+                             moe_out_attn_in: _dims("routed shared x h post comb cs idx_cs")}
+        self._merged: dict[tuple, object] = {}     # `merged`: one per region and layer kind
 
     def compress(self, compressor):
         """The pooling region of this compressor's kind (rate, width, overlap): each kind compiles
@@ -125,18 +166,48 @@ class DecodeRegions:
                 "entry_positions entry_page_ids entry_rows complete_mask"))
         return self._compress[kind]
 
-    # ---- a layer's pieces, as DenseModel calls them (the arguments come from its modules) ----
+    def merged(self, fn, kind: tuple):
+        """A merged region (`attn_out_moe_in`, `moe_out_attn_in`) for the layers of one kind
+        (attention type and gate type, or the next layer's attention type): each kind compiles its
+        own graphs, so that the product of attention and gate variants never piles up against one
+        recompile limit and a call's guards only tell its own variants apart."""
+        key = (fn.__name__, *kind)
+        if key not in self._merged:
+            self._merged[key] = self._wrap(fn, self._merged_dims[fn])
+        return self._merged[key]
+
+    # ---- each region's arguments besides h, from the layer's modules ----
+    @staticmethod
+    def _attn_in_args(dense, layer_id: int, batch) -> tuple:
+        cfg, attn = dense.cfg, dense.layers[layer_id].attn
+        block, indexer = dense.layers[layer_id], attn.indexer
+        return (block.hc_attn_fn, block.hc_attn_base, block.hc_attn_scale, block.attn_norm.weight,
+                attn._in_proj.weight(), attn.q_norm.weight, attn.wq_b.weight, attn.norm.weight,
+                torch.view_as_real(batch.rope[attn.rope_name]),                   # [B, half, 2]
+                None if indexer is None else indexer.wq_b.weight, torch.view_as_real(batch.rope["compress"]),
+                tuple(attn._in_proj._sizes), *hc_args(cfg), cfg.num_attention_heads, cfg.index_n_heads)
+
+    @staticmethod
+    def _moe_in_args(dense, layer_id: int, batch) -> tuple:
+        block = dense.layers[layer_id]
+        g = block.ffn.gate
+        return (block.hc_ffn_fn, block.hc_ffn_base, block.hc_ffn_scale, block.ffn_norm.weight, batch.token_ids,
+                *g.tensors(), *hc_args(dense.cfg), *g.consts())
+
+    @staticmethod
+    def _moe_out_args(dense, work, routed, shared) -> tuple:
+        se = dense.layers[work.layer_id].ffn.shared_experts
+        return (routed, shared, work.x, se._w13.weight(), se.w2.weight, work.h, work.post, work.comb, se.limit)
+
+    # ---- a layer's pieces, as DenseModel calls them ----
     def attention(self, dense, layer_id: int, h: torch.Tensor, batch) -> torch.Tensor:
-        """DenseModel.attention_sublayer of a decode-only pooled step."""
+        """DenseModel.attention_sublayer of a decode-only pooled step; computes moe_in ahead."""
         cfg, block, meta = dense.cfg, dense.layers[layer_id], batch.decode
         attn, indexer = block.attn, block.attn.indexer
-        cs = torch.view_as_real(batch.rope[attn.rope_name])                      # [B, half, 2]
-        idx_cs = torch.view_as_real(batch.rope["compress"])
-        q, kv, comp, idx_q, idx_w, post, comb = self.attn_in(
-            h, block.hc_attn_fn, block.hc_attn_base, block.hc_attn_scale, block.attn_norm.weight,
-            attn._in_proj.weight(), attn.q_norm.weight, attn.wq_b.weight, attn.norm.weight, cs,
-            None if indexer is None else indexer.wq_b.weight, idx_cs, tuple(attn._in_proj._sizes),
-            *hc_args(cfg), cfg.num_attention_heads, cfg.index_n_heads)
+        ahead = _take(batch, "attn_in", layer_id, h)
+        if ahead is None:
+            ahead = self.attn_in(h, *self._attn_in_args(dense, layer_id, batch))
+        q, kv, comp, idx_q, idx_w, post, comb = ahead
         entry_pages = page_table = entry_ok = index_pages = None
         if attn.compressor is not None:
             rate = attn.compressor.rate
@@ -151,25 +222,35 @@ class DecodeRegions:
                     meta.entry_ok[rate]
                 if indexer is not None and meta.max_entries[rate] > cfg.index_topk:
                     index_pages = meta.pool.pages[(layer_id, "index")]
-        return self.attn_out(q, kv, meta.pool.rings[layer_id], meta.slot_ids, meta.ring_rows, meta.window_ok,
-                             entry_pages, page_table, entry_ok, index_pages, idx_q, idx_w, attn.attn_sink, cs,
-                             attn.wo_a.weight, attn.wo_b.weight, h, post, comb, cfg.o_groups, cfg.index_topk)
+        kind = (cfg.layer_types[layer_id], block.ffn.gate.is_hash)
+        h, *moe = self.merged(attn_out_moe_in, kind)(
+            q, kv, meta.pool.rings[layer_id], meta.slot_ids, meta.ring_rows, meta.window_ok, entry_pages, page_table,
+            entry_ok, index_pages, idx_q, idx_w, attn.attn_sink, torch.view_as_real(batch.rope[attn.rope_name]),
+            attn.wo_a.weight, attn.wo_b.weight, h, post, comb, cfg.o_groups, cfg.index_topk,
+            *self._moe_in_args(dense, layer_id, batch))
+        batch.ahead["moe_in"] = (layer_id, h, tuple(moe))
+        return h
 
     def moe_begin(self, dense, layer_id: int, h: torch.Tensor, batch) -> tuple:
         """DenseModel.moe_begin's (x, expert_ids, weights, post, comb) of a decode-only pooled step."""
-        block = dense.layers[layer_id]
-        g = block.ffn.gate
-        return self.moe_in(h, block.hc_ffn_fn, block.hc_ffn_base, block.hc_ffn_scale, block.ffn_norm.weight,
-                           batch.token_ids, *g.tensors(), *hc_args(dense.cfg), *g.consts())
+        ahead = _take(batch, "moe_in", layer_id, h)
+        if ahead is not None:
+            return ahead
+        return self.moe_in(h, *self._moe_in_args(dense, layer_id, batch))
 
     def shared_expert(self, dense, work) -> torch.Tensor:
         se = dense.layers[work.layer_id].ffn.shared_experts
         return self.shared(work.x, se._w13.weight(), se.w2.weight, se.limit)
 
     def moe_end(self, dense, work, routed: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:
-        se = dense.layers[work.layer_id].ffn.shared_experts
-        return self.moe_out(routed, shared, work.x, se._w13.weight(), se.w2.weight, work.h, work.post, work.comb,
-                            se.limit)
+        """The layer's combine; with a next layer, its attn_in too (left in `work.batch.ahead`)."""
+        nxt = work.layer_id + 1
+        if work.batch is None or nxt >= dense.cfg.num_layers:
+            return self.moe_out(*self._moe_out_args(dense, work, routed, shared))
+        h, ahead = self.merged(moe_out_attn_in, (dense.cfg.layer_types[nxt],))(
+            *self._moe_out_args(dense, work, routed, shared), *self._attn_in_args(dense, nxt, work.batch))
+        work.batch.ahead["attn_in"] = (nxt, h, ahead)
+        return h
 
     def can_run(self, batch) -> bool:
         """Decode-only steps over pooled states (DecodeMeta set), when enabled."""
@@ -180,3 +261,11 @@ class DecodeRegions:
 
     def __setstate__(self, state):
         self.__init__(**state)
+
+
+def _take(batch, kind: str, layer_id: int, h: torch.Tensor):
+    """The outputs a merged region left for this call, if they are for this layer and this h."""
+    entry = batch.ahead.pop(kind, None)
+    if entry is not None and entry[0] == layer_id and entry[1] is h:
+        return entry[2]
+    return None

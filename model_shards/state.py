@@ -353,7 +353,8 @@ class SequenceState:
         state.load(tensors)
         return state
 
-    def load(self, tensors: dict, *, before_block: Callable[[int], None] | None = None) -> None:
+    def load(self, tensors: dict, *, before_block: Callable[[int], None] | None = None,
+             copy_block: Callable[[int, list], None] | None = None) -> None:
         """Overwrite this (fresh) state with `export()` output, in place (a pooled state keeps its slot).
 
         Each "*.entries" value is one tensor or a list of row blocks that concatenate to it (a
@@ -364,9 +365,15 @@ class SequenceState:
         order: block j of every entries tensor before block j+1 of any, and `before_block(j)`
         runs right before block j's copies (a caller whose block j of every tensor comes from
         one source, e.g. a cache record, can verify that source there and the copies then read
-        it from cache). Every tensor is shape-checked before anything changes (KeyError /
-        ValueError / TypeError: the state is untouched); an exception from `before_block`
-        propagates and leaves the state partly loaded: the caller must discard it."""
+        it from cache). `copy_block(j, copies)` (optional, after `before_block(j)`): the
+        `ByteRows` blocks j that are plain byte copies into CPU memory are not copied here but
+        handed over as ``copies``, a list of ``(block, byte offset in it, byte count,
+        destination address)`` (`RowSink.plan_bytes`), for the caller to copy (e.g. verifying
+        the bytes in the same pass, model_shards/byte_kernels.py); the other blocks j are
+        copied here after it returns. Every tensor is shape-checked before anything changes
+        (KeyError / ValueError / TypeError: the state is untouched); an exception from
+        `before_block` or `copy_block` propagates and leaves the state partly loaded: the caller
+        must discard it."""
         if "num_tokens" not in tensors:
             raise KeyError("state tensor 'num_tokens' missing")
         cfg = self.config
@@ -402,9 +409,17 @@ class SequenceState:
         for j in range(num_blocks):
             if before_block is not None:
                 before_block(j)
-            for sink, blocks in sinks:
-                if j < len(blocks):
-                    sink.append(blocks[j])
+            if copy_block is None:
+                for sink, blocks in sinks:
+                    if j < len(blocks):
+                        sink.append(blocks[j])
+                continue
+            copies: list = []
+            others = [(sink, blocks[j]) for sink, blocks in sinks if j < len(blocks)
+                      and (type(blocks[j]) is not tuple or not sink.plan_bytes(blocks[j], copies))]
+            copy_block(j, copies)
+            for sink, block in others:
+                sink.append(block)
         self.num_tokens = n
 
     def clone(self) -> "SequenceState":

@@ -2,7 +2,9 @@
 
 Owns nothing: these helpers write into the compressor / layer states they are given (state.py owns
 those). A row block is a [rows, dim] tensor or `ByteRows`, the KV cache's deferred restore form:
-its bytes, copied into CPU pages as one numpy byte copy (no tensor built).
+its bytes, copied into CPU pages as one numpy byte copy (no tensor built), or handed back to
+the caller as (source offset, byte count, destination address) copies (`RowSink.plan_bytes`,
+``SequenceState.load(copy_block=...)``: the KV cache verifies and copies them in one pass).
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ class RowSink:
         self.run_id = 0
         self._byte_runs: list[tuple[int, np.ndarray]] | None = None   # the runs as flat byte arrays (made on first use)
         self._byte_dtype: torch.dtype | None = None   # the dtype byte blocks must have to be copied as bytes
+        self._address_runs: list[tuple[int, int, int]] | None = None   # [(first entry, address, bytes)]
 
     def append(self, block) -> None:
         if type(block) is tuple:   # ByteRows
@@ -96,6 +99,37 @@ class RowSink:
             done += take
             if end == out.nbytes:
                 self.run_id += 1
+
+    def plan_bytes(self, block: ByteRows, out: list) -> bool:
+        """Like `append_bytes`, but the copies are left to the caller: appends to `out` one
+        ``(block, byte offset in the block's bytes, byte count, destination address)`` per copy
+        (two where the block straddles two runs of scattered pages) and counts the rows as
+        appended. False (nothing done) when the block cannot be copied as plain bytes (another
+        dtype, a non-CPU destination): `append` it instead. The caller must make the copies
+        before the state is used (or discard the state)."""
+        data, dtype, shape = block
+        runs = self._address_runs
+        if runs is None:   # (once per load: the destination runs' addresses, when it is CPU memory)
+            runs = self._address_runs = []
+            if self.runs and self.runs[0][1].device.type == "cpu":
+                self._byte_dtype = self.runs[0][1].dtype
+                runs += [(first, rows.data_ptr(), rows.numel() * rows.element_size()) for first, rows in self.runs]
+        if dtype is not self._byte_dtype:
+            return False
+        cs = self.cs
+        n = shape[0]
+        row_bytes = data.nbytes // n if n else 0
+        done = 0
+        while done < n:
+            first, address, size = runs[self.run_id]
+            offset = (cs.num_entries - first) * row_bytes
+            take = min(n - done, (size - offset) // row_bytes)
+            out.append((block, done * row_bytes, take * row_bytes, address + offset))
+            cs.num_entries += take
+            done += take
+            if offset + take * row_bytes == size:
+                self.run_id += 1
+        return True
 
     def append_tensor(self, block: torch.Tensor) -> None:
         cs, done, n = self.cs, 0, block.shape[0]

@@ -10,6 +10,7 @@ import torch
 
 from kv_model_helpers import corrupt_stored, random_tokens, relative_error, service_for, stores
 from kvcache.keys import chain_hashes, span_key, token_array
+from kvcache import restore
 from kvcache.restore import DeferredState
 from kvcache.resume import import_state, prefill, prompt_checkpoints, resume
 
@@ -58,9 +59,21 @@ def test_a_deferred_restore_is_the_exported_state_bitwise(tier, tiny_model, orig
         assert svc.stats().tiers[tier].num_corrupt == 0
 
 
+@pytest.fixture(params=["fused", "numpy"])
+def protocol(request, monkeypatch):
+    """How `DeferredState.load_into` verifies: in the pass that copies (``copy_block``, the byte
+    kernels) or with a checksum pass before the copies (``before_block``, without a compiler)."""
+    if request.param == "numpy":
+        monkeypatch.setattr(restore, "_fused_enabled", lambda: False)
+    else:
+        assert restore._fused_enabled()
+    return request.param
+
+
 @pytest.mark.parametrize("tier", ["redis", "disk"])
 def test_a_span_corrupt_mid_restore_drops_the_state_and_resume_recomputes(tier, tiny_model, original, tmp_path,
-                                                                           redis_url, redis_prefix, redis_client):
+                                                                           redis_url, redis_prefix, redis_client,
+                                                                           protocol):
     store = stores(tier, redis_url, redis_prefix, tmp_path)
     svc = committed_service(tiny_model, original, store)
     hashes = chain_hashes(token_array(original["prompt"]), 128, svc.storage_fingerprint, None, 4)
@@ -72,8 +85,12 @@ def test_a_span_corrupt_mid_restore_drops_the_state_and_resume_recomputes(tier, 
         pool = tiny_model.dense.state_pool
         num_free_slots = pool.num_free_slots
         copied = []
-        load = hit.deferred._before_block
-        hit.deferred._before_block = lambda run_id: (copied.append(run_id), load(run_id))
+        if protocol == "numpy":
+            load = hit.deferred._before_block
+            hit.deferred._before_block = lambda run_id: (copied.append(run_id), load(run_id))
+        else:
+            load = hit.deferred._copy_block
+            hit.deferred._copy_block = lambda run_id, copies: (copied.append(run_id), load(run_id, copies))
         assert import_state(tiny_model, hit) is None   # the partly loaded state is dropped ...
         assert copied == [0, 1]                        # ... after run 0's rows were copied into it
         assert pool.num_free_slots == num_free_slots    # ... and its slot is back in the pool
@@ -94,19 +111,23 @@ class _Run:
 
 
 class _Loader:
-    """An engine state that calls ``before_block`` for the blocks it copies."""
+    """An engine state that calls ``before_block`` (or ``copy_block``, with no byte copies) for
+    the blocks it copies."""
 
     def __init__(self, block_ids):
         self.block_ids, self.loaded = block_ids, []
 
-    def load(self, tensors, *, before_block):
+    def load(self, tensors, *, before_block=None, copy_block=None):
         for j in self.block_ids:
-            before_block(j)
+            if before_block is not None:
+                before_block(j)
+            if copy_block is not None:
+                copy_block(j, [])
             self.loaded.append(j)
 
 
 @pytest.mark.parametrize("block_ids", [[0, 1, 2, 3], [0, 2], []])
-def test_every_run_is_settled_once_in_order_before_its_block(block_ids):
+def test_every_run_is_settled_once_in_order_before_its_block(block_ids, protocol):
     settled = []
     runs = [_Run(f"s{i}") for i in range(3)]   # blocks 0-2 from runs, block 3 from the checkpoint
     deferred = DeferredState({}, runs, lambda hit: settled.append(hit.record.key) or True)
@@ -115,7 +136,7 @@ def test_every_run_is_settled_once_in_order_before_its_block(block_ids):
     assert settled == ["s0", "s1", "s2"]   # runs a load skips are settled too, and none twice
 
 
-def test_a_run_failing_its_settle_stops_the_load_before_its_block():
+def test_a_run_failing_its_settle_stops_the_load_before_its_block(protocol):
     settled = []
     deferred = DeferredState({}, [_Run("s0"), _Run("s1"), _Run("s2")],
                              lambda hit: settled.append(hit.record.key) or hit.record.key != "s1")

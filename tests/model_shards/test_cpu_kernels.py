@@ -1,5 +1,6 @@
 """model_shards.cpu_kernels: the few-row C kernels against torch's own math."""
 
+import contextlib
 import warnings
 
 import pytest
@@ -8,7 +9,8 @@ import torch.nn.functional as F
 
 from factories import rel_err
 from model_shards import cpu_kernels
-from model_shards.cpu_kernels import DecodeExperts, linear
+from model_shards.cpu_experts import DecodeExperts
+from model_shards.cpu_kernels import linear
 from model_shards.ops import swiglu
 
 
@@ -16,6 +18,16 @@ def close_to_linear(y, x, w):
     """Within fp32 summation rounding of F.linear(x, w): |Δ| <= 1e-5 * Σ_k |x_k w_k| (the bound for
     any summation order, scaled for K <= a few thousand)."""
     return bool(((y - F.linear(x, w)).abs() <= 1e-5 * F.linear(x.abs(), w.abs()) + 1e-30).all())
+
+
+@contextlib.contextmanager
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -55,12 +67,8 @@ def test_a_column_does_not_depend_on_the_other_columns_or_rows_or_threads():
     x, w = torch.randn(9, 256, generator=gen), torch.randn(301, 256, generator=gen)
     whole = torch.ops.dsv4.linear_rows(x, w)
     assert torch.equal(torch.ops.dsv4.linear_rows(x[4:5], w[100:137]), whole[4:5, 100:137])
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with one_thread():
         assert torch.equal(torch.ops.dsv4.linear_rows(x, w), whole)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_linear_picks_the_kernel_only_for_few_fp32_cpu_rows():
@@ -163,5 +171,87 @@ def test_the_build_is_cached_per_machine(monkeypatch, tmp_path):
         cpu_kernels._library.cache_clear()
         mtime = built[0].stat().st_mtime_ns
         assert cpu_kernels.is_available() and built[0].stat().st_mtime_ns == mtime   # reused, not rebuilt
+    finally:
+        cpu_kernels._library.cache_clear()
+
+
+# ---- linear_groups (attention's grouped output projection) and Sinkhorn -----------------------
+
+def grouped_reference(x, w):
+    G, N, K = w.shape
+    return torch.bmm(x.reshape(x.shape[0], G, K).transpose(0, 1), w.transpose(1, 2)).transpose(0, 1).reshape(-1, G * N)
+
+
+@pytest.mark.parametrize("rows,groups,n", [(1, 4, 128), (3, 2, 5), (8, 4, 64), (16, 1, 300)])
+def test_linear_groups_is_linear_rows_per_group(rows, groups, n):
+    """Each group's columns are exactly linear_rows over the group's input columns (bitwise), and
+    within rounding of torch's bmm."""
+    gen = torch.Generator().manual_seed(rows + 10 * groups + n)
+    x, w = torch.randn(rows, groups * 64, generator=gen), torch.randn(groups, n, 64, generator=gen)
+    y = torch.ops.dsv4.linear_groups(x, w)
+    per_group = torch.cat([torch.ops.dsv4.linear_rows(x[:, g * 64:(g + 1) * 64], w[g]) for g in range(groups)], 1)
+    assert y.shape == (rows, groups * n) and torch.equal(y, per_group)
+    assert rel_err(y, grouped_reference(x, w)) <= 1e-5
+
+
+def test_linear_groups_does_not_depend_on_threads_and_falls_back_where_it_does_not_fit():
+    gen = torch.Generator().manual_seed(5)
+    x, w = torch.randn(8, 4 * 256, generator=gen), torch.randn(4, 128, 256, generator=gen)   # 2 threads at 128K floats
+    whole = torch.ops.dsv4.linear_groups(x, w)
+    with one_thread():
+        assert torch.equal(torch.ops.dsv4.linear_groups(x, w), whole)
+    odd_x, odd_w = torch.randn(3, 2 * 20, generator=gen), torch.randn(2, 7, 20, generator=gen)   # K = 20
+    assert torch.equal(torch.ops.dsv4.linear_groups(odd_x, odd_w), grouped_reference(odd_x, odd_w))
+    assert torch.equal(cpu_kernels.grouped_linear(x.double(), w.double()), grouped_reference(x.double(), w.double()))
+    many = torch.randn(cpu_kernels.MAX_ROWS + 1, 4 * 256, generator=gen)
+    assert torch.equal(cpu_kernels.grouped_linear(many, w), grouped_reference(many, w))
+
+
+def sinkhorn_numpy(comb, num_iters, eps):
+    import numpy as np
+    a, e = comb.numpy().copy(), np.float32(eps)
+    a /= a.sum(axis=-2, keepdims=True) + e
+    for _ in range(num_iters - 1):
+        a /= a.sum(axis=-1, keepdims=True) + e
+        a /= a.sum(axis=-2, keepdims=True) + e
+    return torch.from_numpy(a)
+
+
+@pytest.mark.parametrize("shape", [(8, 4, 4), (2, 3, 4, 4), (5, 3, 3), (0, 4, 4)])
+def test_sinkhorn_kernel_is_bitwise_the_numpy_passes(shape):
+    from model_shards.ops import sinkhorn, sinkhorn_torch
+    gen = torch.Generator().manual_seed(len(shape))
+    comb = torch.softmax(torch.randn(*shape, generator=gen), -1) + 1e-6
+    before = comb.clone()
+    got = cpu_kernels.sinkhorn(comb, 20, 1e-6)
+    assert torch.equal(got, sinkhorn_numpy(comb, 20, 1e-6)) and torch.equal(sinkhorn(comb, 20, 1e-6), got)
+    assert torch.equal(torch.ops.dsv4.sinkhorn(comb, 20, 1e-6), got)
+    assert (got - sinkhorn_torch(comb, 20, 1e-6)).abs().max() <= 1e-6 if got.numel() else True
+    assert torch.equal(comb, before)                                          # the input is left as it was
+
+
+def test_sinkhorn_kernel_takes_only_what_it_can_and_compiles_as_one_op():
+    assert cpu_kernels.sinkhorn(torch.rand(2, 65, 65), 3, 1e-6) is None               # n > 64
+    assert cpu_kernels.sinkhorn(torch.rand(2, 4, 4).double(), 3, 1e-6) is None
+    with pytest.raises(ValueError, match="sinkhorn"):
+        torch.ops.dsv4.sinkhorn(torch.rand(2, 4, 4).double(), 3, 1e-6)
+    comb = torch.rand(6, 4, 4) + 0.1
+    compiled = torch.compile(lambda c: cpu_kernels.sinkhorn_compiled_cpu(c * 2, 20, 1e-6), fullgraph=True, dynamic=True)
+    assert torch.equal(compiled(comb), cpu_kernels.sinkhorn(comb * 2, 20, 1e-6))
+
+
+def test_without_a_compiler_sinkhorn_and_groups_use_numpy_and_torch(monkeypatch, tmp_path):
+    from model_shards.ops import sinkhorn
+    monkeypatch.setenv("DSV4_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")
+    cpu_kernels._library.cache_clear()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            comb = torch.rand(3, 4, 4) + 0.1
+            assert cpu_kernels.sinkhorn(comb, 20, 1e-6) is None
+            assert torch.equal(sinkhorn(comb, 20, 1e-6), sinkhorn_numpy(comb, 20, 1e-6))
+            x, w = torch.randn(2, 2 * 16), torch.randn(2, 5, 16)
+            assert torch.equal(torch.ops.dsv4.linear_groups(x, w), grouped_reference(x, w))
     finally:
         cpu_kernels._library.cache_clear()

@@ -8,7 +8,7 @@ import torch
 
 from factories import random_ids, random_model, tiny_config
 from model_shards import SequenceState
-from model_shards.cpu_kernels import DecodeExperts
+from model_shards.cpu_experts import DecodeExperts
 
 
 @pytest.fixture(scope="module")

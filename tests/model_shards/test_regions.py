@@ -117,6 +117,78 @@ def test_only_decode_only_pooled_steps_take_the_regions(model):
     assert not DecodeRegions(is_enabled=False).can_run(decode)
 
 
+class CountingRegions(DecodeRegions):
+    """Plain regions that count which region functions run."""
+
+    NAMES = ("attn_in", "moe_in", "moe_out")
+
+    def __init__(self):
+        super().__init__(is_compiled=False)
+        self.calls = dict.fromkeys(self.NAMES + ("attn_out_moe_in", "moe_out_attn_in"), 0)
+        self.kinds: set[tuple] = set()
+        for name in self.NAMES:
+            setattr(self, name, self._counted(name, getattr(self, name)))
+
+    def _counted(self, name, fn):
+        def call(*args):
+            self.calls[name] += 1
+            return fn(*args)
+        return call
+
+    def merged(self, fn, kind):
+        self.kinds.add((fn.__name__, *kind))
+        return self._counted(fn.__name__, super().merged(fn, kind))
+
+
+def test_a_decode_step_runs_three_regions_per_layer_and_hands_outputs_ahead(model):
+    """moe_out(i) + attn_in(i+1) and attn_out(i) + moe_in(i) run merged: per step attn_in once (layer
+    0), moe_out once (the last layer), no moe_in of its own, and nothing left over in the batch."""
+    cfg = model.config
+    model.dense.state_pool = StatePool(cfg, model.dense.dtype, model.dense.device, page_size=2)
+    states = [model.new_state() for _ in range(2)]
+    model.step(states, [random_ids(n, cfg.vocab_size, seed=n) for n in (5, 9)])
+    regions = CountingRegions()
+    model.dense.regions = regions
+    try:
+        h, batch = model.dense.begin_step(states, [torch.tensor([1]), torch.tensor([2])])
+        h = model.layers_step(h, batch)
+        model.dense.finish_step(h, batch)
+    finally:
+        model.dense.regions = DecodeRegions(is_enabled=False)
+    L = cfg.num_layers
+    assert regions.calls == {"attn_in": 1, "attn_out_moe_in": L, "moe_in": 0, "moe_out": 1, "moe_out_attn_in": L - 1}
+    assert batch.ahead == {}
+    # one compiled unit per layer kind: (attention type, hash gate) and the next layer's attention type
+    assert regions.kinds == {("attn_out_moe_in", t, m == "hash_moe") for t, m in zip(cfg.layer_types, cfg.mlp_layer_types)} \
+        | {("moe_out_attn_in", t) for t in cfg.layer_types[1:]}
+
+
+def test_outputs_handed_ahead_are_used_only_for_their_own_layer_and_h(model):
+    """A caller that changes h between the calls (or skips ahead) gets the regions computed for
+    what it passed: the same math as the separate regions."""
+    cfg = model.config
+    model.dense.state_pool = StatePool(cfg, model.dense.dtype, model.dense.device, page_size=2)
+    prompts = [random_ids(n, cfg.vocab_size, seed=n) for n in (5, 9)]
+    results = []
+    for is_copying in (False, True):
+        states = [model.new_state() for _ in range(2)]
+        model.step(states, prompts)
+        regions = CountingRegions()
+        model.dense.regions = regions
+        try:
+            dense = model.dense
+            h, batch = dense.begin_step(states, [torch.tensor([1]), torch.tensor([2])])
+            for i in range(cfg.num_layers):
+                h = dense.attention_sublayer(i, h.clone() if is_copying else h, batch)
+                work = dense.moe_begin(i, h.clone() if is_copying else h, batch)
+                h = dense.moe_end(work, model.experts(i, work.x, work.expert_ids, work.weights))
+            results.append(dense.finish_step(h, batch))
+        finally:
+            model.dense.regions = DecodeRegions(is_enabled=False)
+    assert regions.calls["attn_in"] == cfg.num_layers and regions.calls["moe_in"] == cfg.num_layers
+    assert torch.equal(results[0], results[1])
+
+
 def _needs_the_host(x: torch.Tensor) -> torch.Tensor:
     if x.sum().item() > 0:                       # data-dependent branch: fullgraph compile fails
         return x + 1
@@ -208,3 +280,19 @@ def test_the_one_row_sinkhorn_equals_the_plain_loop():
     assert got.shape == want.shape
     assert (got - want).abs().max() <= 1e-6
     assert torch.allclose(got.sum(-2), torch.ones(5, 3, 4), atol=1e-5)   # columns normalised last
+
+
+def test_mhc_collapse_and_merge_agree_in_both_forms():
+    """CPU decode-sized inputs (and compiled regions) take the unrolled multiply-add form of mHC's
+    collapse and merge, larger ones the batched matmul: the same values to fp32 rounding."""
+    from model_shards.mhc import hc_merge, hc_weights
+    gen = torch.Generator().manual_seed(7)
+    T, hc, D = 80, 4, 64                                  # 80 rows: bmm; any 64 of them: elementwise
+    h, out = torch.randn(T, hc, D, generator=gen), torch.randn(T, D, generator=gen)
+    fn, base, scale = torch.randn(24, hc * D, generator=gen) / 16, torch.randn(24, generator=gen), torch.ones(3)
+    whole = hc_weights(h, fn, base, scale, hc, 20, 1e-6, 1e-6)
+    part = hc_weights(h[:64], fn, base, scale, hc, 20, 1e-6, 1e-6)
+    for a, b in zip(part, whole):
+        assert rel_err(a, b[:64]) <= 1e-6
+    post, comb = whole[1], whole[2]
+    assert rel_err(hc_merge(out[:64], h[:64], post[:64], comb[:64]), hc_merge(out, h, post, comb)[:64]) <= 1e-6

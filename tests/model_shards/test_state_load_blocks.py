@@ -150,3 +150,62 @@ def test_bad_shapes_raise_before_anything_changes(model, exported, damage):
     assert {rate: pool.num_free_pages(rate) for rate in pool.rates} == free_pages
     state.load(exported)   # still fresh: loads normally
     assert_same_state(state, exported)
+
+
+def as_byte_blocks(blocks: dict, every: int = 1) -> dict:
+    """`as_blocks` output with row blocks as `ByteRows` (every `every`-th; the others stay tensors)."""
+    return {name: [(b.contiguous().view(-1).view(torch.uint8).numpy(), b.dtype, tuple(b.shape)) if i % every == 0
+                   else b for i, b in enumerate(v)] if isinstance(v, list) else v for name, v in blocks.items()}
+
+
+@pytest.mark.parametrize("every", [1, 2])
+@pytest.mark.parametrize("pages", ["one_run", "scattered", "standalone"])
+def test_copy_block_hands_over_the_byte_copies_of_each_block(model, exported, every, pages):
+    """With `copy_block`, the byte blocks j are not copied by the load but handed over (source
+    offsets, sizes, destination addresses); the caller's copies make the same state. Tensor blocks
+    are still copied by the load, after `copy_block(j)`."""
+    import numpy as np
+    from model_shards import byte_kernels
+
+    pooled(model, num_pages=64)
+    holders = [model.new_state() for _ in range(4)]
+    if pages == "scattered":
+        dim = holders[0].layers[1].comp.dim
+        for _ in range(6):
+            for state in holders:
+                state.layers[1].comp.append_entries(torch.zeros(4, dim))
+        del holders[::2]
+        gc.collect()
+    state = SequenceState.new(model.config) if pages == "standalone" else model.new_state()
+    blocks = as_byte_blocks(as_blocks(exported, [0.2, 0.6]), every)
+    seen = []
+
+    def copy_block(block_id, copies):
+        seen.append((block_id, len(copies)))
+        for block, offset, count, dest in copies:
+            assert type(block) is tuple and 0 <= offset and offset + count <= block[0].nbytes
+            src = block[0].__array_interface__["data"][0] + offset
+            if byte_kernels.is_available():
+                byte_kernels.copy_segments([src, count, dest])
+            else:   # (no compiler: numpy views of the two addresses)
+                np.ctypeslib.as_array((np.ctypeslib.ctypes.c_uint8 * count).from_address(dest))[:] = \
+                    block[0][offset:offset + count]
+
+    state.load(blocks, copy_block=copy_block)
+    assert [j for j, _ in seen] == [0, 1, 2]
+    num_entries_tensors = sum(name.endswith(".entries") for name in exported)
+    expected = 0 if every == 2 else num_entries_tensors   # (block 1 is a tensor block when every == 2)
+    assert seen[1][1] == expected if pages != "scattered" else seen[1][1] >= expected   # (2 copies: straddles runs)
+    assert_same_state(state, exported)
+    del holders
+
+
+def test_an_exception_from_copy_block_propagates(model, exported):
+    pooled(model)
+    state = model.new_state()
+
+    def fail(block_id, copies):
+        raise RuntimeError("corrupt source")
+
+    with pytest.raises(RuntimeError, match="corrupt source"):
+        state.load(as_byte_blocks(as_blocks(exported, [0.5])), copy_block=fail)

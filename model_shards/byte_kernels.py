@@ -1,0 +1,171 @@
+"""Byte copies that also sum what they read: the KV cache restore's verify + copy in ONE pass.
+
+Why: a restored record's bytes were read twice, once by its checksum pass (kvcache/checksum.py,
+``colsum64``: sums of its 8-byte words by columns of a fixed row width) and once by the copy into
+the state's pages; at 12.9 MB (tiny preset, 64K tokens) the two passes took ~1.5x a warm
+``read()`` of the same file. `colsum64_copy` reads every word of a record's data region once:
+words inside a copied range are added to their column's sum and stored to the destination in
+the same loop, the others only summed. The caller turns the sums into the digest (the same
+SHA-256 over the same column sums as checksum.py, so the digest is the same bit for bit) and,
+on a mismatch, discards what it copied into.
+
+    colsum64_copy(base, num_words, width, segments)   -> the column sums, or None (bad ranges)
+    copy_segments(segments)                           -> plain copies (already verified bytes)
+
+`segments` are flat ints ``[source address, byte count, destination address, ...]``: every
+source range must lie inside the region and the ranges must be sorted by source and not
+overlap (checked in C before anything is written; destinations are the caller's
+responsibility). Addresses are raw pointers: the caller keeps the arrays alive.
+
+The C source is built once per machine (native_build.py, ``cc -O3 -march=native``); without a
+compiler (or on a failed build) `is_available` is False, with one warning, and callers keep
+their numpy path (a checksum pass, then a copy). Little-endian machines only (the sums are
+digested as little-endian words): elsewhere `is_available` is False.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import sys
+
+from .native_build import build_or_warn
+
+_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC"]
+
+_SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+
+typedef uint64_t u64x4 __attribute__((vector_size(32)));
+
+static inline u64x4 ld(const uint8_t* p) { u64x4 v; memcpy(&v, p, sizeof v); return v; }
+static inline void st(uint8_t* p, u64x4 v) { memcpy(p, &v, sizeof v); }
+
+/* sums[i] += word i of src, i < n */
+static void sum_words(uint64_t* restrict sums, const uint8_t* restrict src, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        u64x4 a = ld(src + 8 * i), b = ld(src + 8 * i + 32);
+        u64x4 s = ld((const uint8_t*)(sums + i)), t = ld((const uint8_t*)(sums + i + 4));
+        st((uint8_t*)(sums + i), s + a); st((uint8_t*)(sums + i + 4), t + b);
+    }
+    for (; i < n; i++) { uint64_t w; memcpy(&w, src + 8 * i, 8); sums[i] += w; }
+}
+
+/* the same, and word i stored to dst: each word is loaded once */
+static void sum_copy_words(uint64_t* restrict sums, const uint8_t* restrict src, uint8_t* restrict dst, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        u64x4 a = ld(src + 8 * i), b = ld(src + 8 * i + 32);
+        u64x4 s = ld((const uint8_t*)(sums + i)), t = ld((const uint8_t*)(sums + i + 4));
+        st(dst + 8 * i, a); st(dst + 8 * i + 32, b);
+        st((uint8_t*)(sums + i), s + a); st((uint8_t*)(sums + i + 4), t + b);
+    }
+    for (; i < n; i++) { uint64_t w; memcpy(&w, src + 8 * i, 8); sums[i] += w; memcpy(dst + 8 * i, &w, 8); }
+}
+
+static int check_segments(const uint8_t* base, int64_t num_bytes, const int64_t* segs, int64_t num_segs) {
+    uintptr_t lo = (uintptr_t)base, hi = lo + (uintptr_t)num_bytes, prev = lo;
+    for (int64_t k = 0; k < num_segs; k++) {
+        uintptr_t src = (uintptr_t)segs[3 * k];
+        int64_t n = segs[3 * k + 1];
+        if (n < 0 || src < prev || src > hi || (uintptr_t)n > hi - src) return -1;
+        prev = src + (uintptr_t)n;
+    }
+    return 0;
+}
+
+/* colsum64's column sums of the region base[0, 8 * num_words) in rows of `width` words (the
+   last row zero-padded) into sums[width], copying the ranges `segs` (see byte_kernels.py) on
+   the way. A copied word is summed from the register it was loaded into; bytes of a range that
+   share a word with bytes outside it (ranges need not be word-aligned) are copied apart and
+   their word summed once, with the uncopied words. 0, or -1 (nothing written) for bad ranges. */
+int colsum64_copy(const uint8_t* base, int64_t num_words, int64_t width, uint64_t* sums,
+                  const int64_t* segs, int64_t num_segs) {
+    if (width < 1 || num_words < 0 || num_segs < 0) return -1;
+    if (check_segments(base, 8 * num_words, segs, num_segs)) return -1;
+    memset(sums, 0, (size_t)width * sizeof(uint64_t));
+    int64_t k = 0, pos = 0;                      /* the next segment, the next word */
+    int64_t start = 0, end = 0;                  /* segment k's whole words [start, end) */
+    uint8_t* dst = 0;                            /* where word `start` of segment k goes */
+    int has_words = 0;
+    while (pos < num_words) {
+        while (!has_words && k < num_segs) {     /* the next segment with whole words, edges copied */
+            int64_t s = (int64_t)((const uint8_t*)(uintptr_t)segs[3 * k] - base), n = segs[3 * k + 1];
+            uint8_t* d = (uint8_t*)(uintptr_t)segs[3 * k + 2];
+            int64_t ws = (s + 7) / 8, we = (s + n) / 8;
+            if (ws >= we) { if (n) memcpy(d, base + s, (size_t)n); k++; continue; }
+            if (8 * ws > s) memcpy(d, base + s, (size_t)(8 * ws - s));
+            if (8 * we < s + n) memcpy(d + (8 * we - s), base + 8 * we, (size_t)(s + n - 8 * we));
+            start = ws; end = we; dst = d + (8 * ws - s); has_words = 1; k++;
+        }
+        int64_t row_end = (pos / width + 1) * width;
+        if (row_end > num_words) row_end = num_words;
+        int64_t col = pos % width;
+        if (has_words && pos >= start) {         /* inside the segment's words */
+            int64_t stop = end < row_end ? end : row_end;
+            sum_copy_words(sums + col, base + 8 * pos, dst + 8 * (pos - start), stop - pos);
+            pos = stop;
+            if (pos == end) has_words = 0;
+        } else {
+            int64_t stop = has_words && start < row_end ? start : row_end;
+            sum_words(sums + col, base + 8 * pos, stop - pos);
+            pos = stop;
+        }
+    }
+    while (k < num_segs) {                       /* (ranges of the last partial word, or empty) */
+        int64_t s = (int64_t)((const uint8_t*)(uintptr_t)segs[3 * k] - base), n = segs[3 * k + 1];
+        if (n) memcpy((uint8_t*)(uintptr_t)segs[3 * k + 2], base + s, (size_t)n);
+        k++;
+    }
+    return 0;
+}
+
+void copy_segments(const int64_t* segs, int64_t num_segs) {
+    for (int64_t k = 0; k < num_segs; k++)
+        memcpy((void*)(uintptr_t)segs[3 * k + 2], (const void*)(uintptr_t)segs[3 * k], (size_t)segs[3 * k + 1]);
+}
+"""
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    """The compiled kernels (built on first use), or None (warned once) without a C compiler,
+    on a failed build, or on a big-endian machine."""
+    if sys.byteorder != "little":
+        return None
+    lib = build_or_warn("dsv4_byte_kernels", _SOURCE, _FLAGS, "byte kernels",
+                        "the KV cache restore verifies and copies in two numpy passes")
+    if lib is None:
+        return None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.colsum64_copy.argtypes = [ptr, i64, i64, ptr, ptr, i64]
+    lib.colsum64_copy.restype = ctypes.c_int
+    lib.copy_segments.argtypes = [ptr, i64]
+    lib.copy_segments.restype = None
+    return lib
+
+
+def is_available() -> bool:
+    """Whether the kernels are built and loaded (builds them on the first call)."""
+    return _library() is not None
+
+
+def colsum64_copy(base: int, num_words: int, width: int, segments: list[int]) -> ctypes.Array | None:
+    """The column sums (a ``c_uint64 * width`` array: native = little-endian words, usable as a
+    buffer) of the `num_words` words at address `base` in rows of `width` words, copying
+    `segments` (see the module docstring) on the way; None (nothing written) if a range lies
+    outside the region, overlaps another or is out of order. Needs `is_available`."""
+    sums = (ctypes.c_uint64 * width)()
+    segs = (ctypes.c_int64 * len(segments))(*segments)
+    if _library().colsum64_copy(base, num_words, width, sums, segs, len(segments) // 3):
+        return None
+    return sums
+
+
+def copy_segments(segments: list[int]) -> None:
+    """Copy every ``(source, byte count, destination)`` of `segments` (no checks: the caller's
+    ranges). Needs `is_available`."""
+    if segments:
+        _library().copy_segments((ctypes.c_int64 * len(segments))(*segments), len(segments) // 3)
