@@ -5,10 +5,10 @@
 Reports prefill tokens/s (one prompt of --prefill tokens) and decode tokens/s at batch 1 and 8
 (after a 256-token prompt per sequence; the best of 5 windows of --decode-steps steps for each
 implementation, the implementations' windows interleaved, since this shared VM's speed drifts),
-each with the ratio ours / transformers, and each decode step against its memory floor (the bytes the step must read / this machine's read bandwidth:
-transformers' step time / floor is the best ratio any implementation could reach); and the peak RSS
-growth while loading the official FP8/FP4 checkpoint of the same preset, against the bytes of the
-dequantized weights. Targets (issue #2): prefill >= 1.0x, decode batch 8 >= 3x, load peak <= 1.3x.
+each with the ratio ours / transformers, and each decode step against its memory floor (the bytes
+the step must read / this machine's read bandwidth: transformers' step time / floor is the best
+ratio any implementation could reach); and the peak RSS growth while loading the official FP8/FP4
+checkpoint of the same preset, against the bytes of the dequantized weights. Targets (issue #2): prefill >= 1.0x, decode batch 8 >= 3x, load peak <= 1.3x.
 """
 
 from __future__ import annotations
@@ -89,8 +89,8 @@ def decoder_reference(ref, batch: int, steps: int, vocab: int) -> Callable[[], N
 
 def decode_tok_s(windows: dict[str, Callable[[], None]], batch: int, steps: int) -> dict[str, float]:
     """Tokens/s of each decoder: the best of REPEATS windows, the decoders' windows interleaved
-    (this VM's speed drifts by tens of percent within minutes: every ratio compares windows timed
-    minutes apart at most, never one implementation's early windows with another's late ones)."""
+    (this VM's speed drifts by tens of percent within minutes: a ratio then compares windows timed
+    seconds apart, never one implementation's early windows with another's late ones)."""
     best = dict.fromkeys(windows, float("inf"))
     for _ in range(REPEATS):
         for name, window in windows.items():
