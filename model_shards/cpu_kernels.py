@@ -312,6 +312,12 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.linear(x, w)
 
 
+def _grouped_bmm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """`linear_groups`' math as torch's batched matmul (its fallback, any device and dtype)."""
+    G, N, K = w.shape
+    return torch.bmm(x.reshape(-1, G, K).transpose(0, 1), w.transpose(1, 2)).transpose(0, 1).reshape(-1, G * N)
+
+
 def linear_groups(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [M, G*K] (group g: columns [g*K, (g+1)*K)) and w [G, N, K] -> [M, G*N]: group g's columns
     of the output are x's group g @ w[g].T (attention's grouped output projection). Each column
@@ -323,7 +329,7 @@ def linear_groups(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if (lib is None or K % 8 or x.dim() != 2 or x.shape[1] != G * K or x.dtype != torch.float32
             or w.dtype != torch.float32 or x.stride(-1) != 1 or (M > 1 and x.stride(0) < G * K)
             or not w.is_contiguous() or x.device.type != "cpu" or w.device.type != "cpu"):
-        return torch.bmm(x.reshape(M, G, K).transpose(0, 1), w.transpose(1, 2)).transpose(0, 1).reshape(M, G * N)
+        return _grouped_bmm(x, w)
     y = torch.empty(M, G * N)
     if M:
         lib.linear_groups(x.data_ptr(), x.stride(0), w.data_ptr(), y.data_ptr(), M, G, N, K,
