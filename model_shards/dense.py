@@ -66,8 +66,13 @@ class MoEWork:
     h: torch.Tensor           # [T, hc, hidden] residual streams before the MoE
     post: torch.Tensor        # [T, hc]
     comb: torch.Tensor        # [T, hc, hc]
-    is_region: bool = False   # made by DecodeRegions: its shared expert and combine run there too
-    batch: StepBatch | None = None   # the step (DecodeRegions: the combine runs the next layer's attn_in too)
+    # the step, when DecodeRegions made this: its shared expert and combine (with the next layer's
+    # attn_in) run there too
+    region_batch: StepBatch | None = None
+
+    @property
+    def is_region(self) -> bool:
+        return self.region_batch is not None
 
 
 class DenseModel(nn.Module):
@@ -136,7 +141,7 @@ class DenseModel(nn.Module):
     def moe_begin(self, layer_id: int, h: torch.Tensor, batch: StepBatch) -> MoEWork:
         if self.regions.can_run(batch):
             x, expert_ids, weights, post, comb = self.regions.moe_begin(self, layer_id, h, batch)
-            return MoEWork(layer_id, x, expert_ids, weights, h, post, comb, is_region=True, batch=batch)
+            return MoEWork(layer_id, x, expert_ids, weights, h, post, comb, region_batch=batch)
         block = self.layers[layer_id]
         collapsed, post, comb = self._hc_weights(h, block.hc_ffn_fn, block.hc_ffn_base, block.hc_ffn_scale)
         x = block.ffn_norm(collapsed)

@@ -243,13 +243,13 @@ class DecodeRegions:
         return self.shared(work.x, se._w13.weight(), se.w2.weight, se.limit)
 
     def moe_end(self, dense, work, routed: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:
-        """The layer's combine; with a next layer, its attn_in too (left in `work.batch.ahead`)."""
-        nxt = work.layer_id + 1
-        if work.batch is None or nxt >= dense.cfg.num_layers:
+        """The layer's combine; with a next layer, its attn_in too (left in the step's `ahead`)."""
+        nxt, batch = work.layer_id + 1, work.region_batch
+        if nxt >= dense.cfg.num_layers:
             return self.moe_out(*self._moe_out_args(dense, work, routed, shared))
         h, ahead = self.merged(moe_out_attn_in, (dense.cfg.layer_types[nxt],))(
-            *self._moe_out_args(dense, work, routed, shared), *self._attn_in_args(dense, nxt, work.batch))
-        work.batch.ahead["attn_in"] = (nxt, h, ahead)
+            *self._moe_out_args(dense, work, routed, shared), *self._attn_in_args(dense, nxt, batch))
+        batch.ahead["attn_in"] = (nxt, h, ahead)
         return h
 
     def can_run(self, batch) -> bool:
