@@ -1,7 +1,8 @@
-"""Where a decode step's time goes: operator and kernel counts, top operators, host syncs.
+"""Where a decode (or prefill) step's time goes: operator and kernel counts, top operators, host syncs.
 
     python benchmarks/decode_profile.py [--preset small] [--checkpoint DIR] [--batches 1,8]
         [--dtype float32|bfloat16] [--steps 3] [--graphs] [--out FILE]
+    python benchmarks/decode_profile.py --prefill 4x2048,1x8192 [--batches ""]   # prefill steps too
 
 One process holding every expert (DeepseekV4), on CUDA when available. For each batch size: the
 sequences get a 256-token prompt, then `--steps` decode steps run under torch.profiler; reports per
@@ -66,26 +67,56 @@ def profile_batch(model: DeepseekV4, batch: int, steps: int, device: str, is_gra
         for _ in range(steps):
             step()
         sync(device)
+    out = {"step_ms": round(step_ms, 2), "host_ms_in_step_call": round(host_ms, 2)}
+    out.update(summarize(prof, steps, device))
+    return out
+
+
+def summarize(prof, steps: int, device: str) -> dict:
+    """The profiler's per-step counts: aten ops, top self-CPU ops and, on CUDA, kernels and syncs."""
     events = prof.key_averages()
     aten = [e for e in events if e.key.startswith("aten::")]
     top = sorted(aten, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
-    top_kernels = {}
-    if device == "cuda":
-        gpu = sorted((e for e in events if e.device_time_total > 0 and not e.key.startswith("aten::")),
-                     key=lambda e: e.device_time_total, reverse=True)[:12]
-        top_kernels = {e.key[:80]: round(e.device_time_total / 1e3 / steps, 3) for e in gpu}
-    out = {"step_ms": round(step_ms, 2), "host_ms_in_step_call": round(host_ms, 2), "top_gpu_ms_per_step": top_kernels,
-           "aten_ops_per_step": round(sum(e.count for e in aten) / steps),
+    out = {"aten_ops_per_step": round(sum(e.count for e in aten) / steps),
            "top_self_cpu_ms_per_step": {e.key: round(e.self_cpu_time_total / 1e3 / steps, 3) for e in top}}
     if device == "cuda":
+        gpu = sorted((e for e in events if e.device_time_total > 0 and not e.key.startswith("aten::")),
+                     key=lambda e: e.device_time_total, reverse=True)[:16]
         kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         runtime = {e.key: e.count for e in events if e.key.startswith("cuda")}
-        out.update(kernels_per_step=round(len(kernels) / steps),
+        out.update(top_gpu_ms_per_step={e.key[:90]: round(e.device_time_total / 1e3 / steps, 3) for e in gpu},
+                   kernels_per_step=round(len(kernels) / steps),
                    gpu_kernel_ms_per_step=round(sum(e.device_time_total for e in kernels) / 1e3 / steps, 3),
                    stream_syncs_per_step=round(runtime.get("cudaStreamSynchronize", 0) / steps),
                    memcpy_async_per_step=round(runtime.get("cudaMemcpyAsync", 0) / steps),
                    launches_per_step=round(runtime.get("cudaLaunchKernel", 0) / steps))
     return out
+
+
+@torch.no_grad()
+def profile_prefill(model: DeepseekV4, num_seqs: int, length: int, steps: int, device: str) -> dict:
+    """`num_seqs` fresh prompts of `length` tokens in one step: wall time, tokens/s, profile."""
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(length)
+    prompts = [torch.randint(0, vocab, (length,), generator=gen) for _ in range(num_seqs)]
+
+    def step():
+        model.step([model.new_state() for _ in range(num_seqs)], prompts, all_logits=False)
+    step()
+    sync(device)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        sync(device)
+    best = min(times)
+    return {"step_ms": round(best * 1e3, 2), "tokens_per_s": round(num_seqs * length / best, 1),
+            **summarize(prof, 1, device)}
 
 
 def main() -> None:
@@ -97,6 +128,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--graphs", action="store_true", help="replay decode steps from CUDA graphs (model_shards.cuda_graph)")
     p.add_argument("--regions", action="store_true", help="compiled decode regions (model_shards.regions)")
+    p.add_argument("--prefill", default="", help="prefill shapes NUMxLEN, comma-separated (e.g. 4x2048,1x8192)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -111,7 +143,11 @@ def main() -> None:
         model.dense.regions = DecodeRegions()
     result = {"preset": args.preset, "device": device, "graphs": args.graphs, "regions": args.regions, "dtype": str(dtype).removeprefix("torch."),
               "num_layers": cfg.num_layers, "threads": torch.get_num_threads(), "decode": {}}
-    for batch in (int(b) for b in args.batches.split(",")):
+    for shape in filter(None, args.prefill.split(",")):
+        num_seqs, length = (int(x) for x in shape.split("x"))
+        result.setdefault("prefill", {})[shape] = profile_prefill(model, num_seqs, length, args.steps, device)
+        print(f"prefill {shape}: {result['prefill'][shape]}", file=sys.stderr, flush=True)
+    for batch in (int(b) for b in filter(None, args.batches.split(","))):
         result["decode"][f"batch_{batch}"] = profile_batch(model, batch, args.steps, device, args.graphs)
         print(f"batch {batch}: {result['decode'][f'batch_{batch}']}", file=sys.stderr, flush=True)
     out = args.out or (os.path.join(os.environ["OUT"], "decode_profile.json") if os.environ.get("OUT") else None)

@@ -38,7 +38,10 @@ class FusedLinear:
         self._key: tuple | None = None
 
     def _cache_key(self) -> tuple:
-        return tuple((id(lin.weight), lin.weight.data_ptr(), lin.weight._version) for lin in self._linears)
+        # `_parameters`, not `lin.weight`: Module.__getattr__ costs ~1 us a lookup, and this runs
+        # for every fused call of a decode step
+        weights = [lin._parameters["weight"] for lin in self._linears]
+        return tuple((id(w), w.data_ptr(), w._version) for w in weights)
 
     def weight(self) -> torch.Tensor:
         """[sum of out features, in]: the concatenated weights (rebuilt when one changed)."""

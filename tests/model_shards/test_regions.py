@@ -189,6 +189,44 @@ def test_outputs_handed_ahead_are_used_only_for_their_own_layer_and_h(model):
     assert torch.equal(results[0], results[1])
 
 
+def test_layer_args_are_read_once_and_follow_a_replaced_weight(model):
+    """The regions read each layer's weights from its modules once and reuse them while every one
+    is still the module's own; a new Parameter assigned to a module is used from the next step on
+    (the decode then equals the eager modules with that weight), and the original comes back."""
+    cfg = model.config
+    model.dense.state_pool = StatePool(cfg, model.dense.dtype, model.dense.device, page_size=2)
+    prompts = [random_ids(n, cfg.vocab_size, seed=n) for n in (5, 9)]
+    tokens = [torch.tensor([3]), torch.tensor([4])]
+    wo_b = model.dense.layers[1].attn.wo_b
+    original = wo_b.weight
+    regions = DecodeRegions(is_compiled=False)
+
+    def decode(is_regions: bool) -> torch.Tensor:
+        states = [model.new_state() for _ in prompts]
+        model.step(states, prompts)
+        model.dense.regions = regions if is_regions else DecodeRegions(is_enabled=False)
+        try:
+            return torch.stack(model.step(states, tokens, all_logits=False))
+        finally:
+            model.dense.regions = DecodeRegions(is_enabled=False)
+
+    decode(True)
+    cached = dict(regions._layer_args)
+    assert sorted(cached) == list(range(cfg.num_layers))
+    decode(True)
+    assert all(regions._layer_args[i] is cached[i] for i in cached)       # reused, not rebuilt
+    try:
+        wo_b.weight = torch.nn.Parameter(original.detach() * 2, requires_grad=False)
+        got, want = decode(True), decode(False)
+        assert rel_err(got, want) <= 1e-5
+        assert regions._layer_args[1] is not cached[1] and regions._layer_args[1].attn_out[2] is wo_b.weight
+        assert all(regions._layer_args[i] is cached[i] for i in cached if i != 1)
+    finally:
+        wo_b.weight = original
+    assert rel_err(decode(True), decode(False)) <= 1e-5
+    assert regions._layer_args[1].attn_out[2] is original
+
+
 def _needs_the_host(x: torch.Tensor) -> torch.Tensor:
     if x.sum().item() > 0:                       # data-dependent branch: fullgraph compile fails
         return x + 1
