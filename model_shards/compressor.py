@@ -185,5 +185,10 @@ class Indexer(nn.Module):
 def index_scores(q: torch.Tensor, head_weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """The indexer's scores: q [..., S, n_I, d_I], head_weights [..., S, n_I], keys [..., N, d_I]
     -> [..., S, N] float32."""
-    dots = torch.einsum("...shd,...nd->...shn", q.float(), keys.float())
+    if torch.compiler.is_compiling() and q.device.type == "cpu":
+        # compiled on a CPU: a reduction Inductor fuses with the gather of the keys (a decode
+        # step's few rows make MKL's batched GEMM mostly call overhead, and its input a copy)
+        dots = (q.float().unsqueeze(-2) * keys.float().unsqueeze(-3).unsqueeze(-4)).sum(-1)   # [..., S, n_I, N]
+    else:
+        dots = torch.einsum("...shd,...nd->...shn", q.float(), keys.float())
     return (dots.relu() * q.shape[-1] ** -0.5 * head_weights.unsqueeze(-1)).sum(dim=-2)
