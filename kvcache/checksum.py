@@ -104,7 +104,8 @@ def verify_column_sums(stored: str, header: bytes, num_words: int, sums) -> bool
     words in a buffer) are `sums`: the check of a pass that summed the words while copying
     them (model_shards/byte_kernels.py). False for any other algorithm or a wrong width."""
     width = col_words(num_words)
-    if not stored.startswith("colsum64:") or memoryview(sums).nbytes != 8 * width:
+    num_bytes = sums.nbytes if type(sums) is np.ndarray else memoryview(sums).nbytes
+    if not stored.startswith("colsum64:") or num_bytes != 8 * width:
         return False
     return "colsum64:" + _colsum64_digest(header, num_words, width, sums) == stored
 

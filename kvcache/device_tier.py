@@ -1,8 +1,9 @@
 """Device tier: decoded records (tensors) in the router process's memory.
 
-Owns: the in-process key -> `Record` map and its exact LRU byte accounting (tensor bytes).
-Thread-safe (one lock). Records it keeps own their memory: a borrowed record (tensors viewing a
-Redis value or a memory-mapped segment) is copied on the way in.
+Owns: the in-process key -> `Record` map, its exact LRU byte accounting (tensor bytes) and its
+`generation` (+1 on every change of the map). Thread-safe (one lock). Records it keeps own
+their memory: a borrowed record (tensors viewing a Redis value or a memory-mapped segment) is
+copied on the way in.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class DeviceTier(Tier):
         self._lru = ByteLRU(budget_bytes)
         self._records: dict[str, Record] = {}
         self._lock = threading.Lock()
+        self._generation = 0  # +1 whenever a key is stored, replaced, evicted or deleted
 
     def get_many(self, keys: Sequence[str]) -> list[Record | None]:
         with self._lock:
@@ -39,9 +41,14 @@ class DeviceTier(Tier):
                     continue
                 self._records[key] = record.owned()
                 self._lru.add(key, record.num_bytes)
+                self._generation += 1
             for key in self._lru.pop_over_budget():
                 evicted.append((key, self._records.pop(key)))
+                self._generation += 1
         return evicted if is_collecting_evicted else []
+
+    def generation(self) -> int:
+        return self._generation
 
     def contains_many(self, keys: Sequence[str]) -> list[bool]:
         with self._lock:
@@ -50,6 +57,7 @@ class DeviceTier(Tier):
     def delete_many(self, keys: Sequence[str]) -> None:
         with self._lock:
             for key in keys:
-                self._records.pop(key, None)
+                if self._records.pop(key, None) is not None:
+                    self._generation += 1
                 self._lru.remove(key)
 

@@ -1,7 +1,9 @@
 """Disk tier: record bytes in append-only segment files under a directory (see segments.py).
 
 Owns: the in-memory index key -> (segment, batch, row), the per-segment live-key sets, the exact
-LRU over live record bytes (the byte budget), and a small cache of memory-mapped readers.
+LRU over live record bytes (the byte budget), a small cache of memory-mapped readers, and the
+`generation` (+1 whenever the index or the set of readers changes: a key comes, goes or moves,
+a segment is loaded, forgotten or removed, a reader is dropped; restore_plan.py).
 
 - The index is rebuilt on start by scanning every segment in name (= creation) order; a later
   copy of a key wins; unreadable segments are deleted. The same scan runs again whenever the
@@ -24,7 +26,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +35,8 @@ import pyarrow as pa
 from kvcache.keys import CHECKPOINT_PREFIX, INDEX_PREFIX
 from kvcache.lru import ByteLRU
 from kvcache.segments import (
-    SegmentReader, is_segment_name, new_segment_name, prefetch_segments, remove_stale_temps, write_segment,
+    SegmentReader, is_segment_name, new_segment_name, prefetch_ranges, prefetch_segments, remove_stale_temps,
+    write_segment,
 )
 from kvcache.tier import Tier
 
@@ -97,6 +100,7 @@ class DiskTier(Tier):
         self._lru = ByteLRU(budget_bytes)
         self._scanned_mtime_ns: int | None = None
         self._own_writes: set[str] = set()  # segments this instance is writing right now
+        self._generation = 0  # see the module docstring
         self._is_write_warned = False
         remove_stale_temps(self.directory)
         self.refresh()  # no eviction here: a process that only reads never deletes files
@@ -144,6 +148,7 @@ class DiskTier(Tier):
 
     def _set_location(self, key: str, location: _Location) -> None:
         self._unlink_key(key)
+        self._generation += 1
         self._index[key] = location
         self._segments[location.segment].live_keys.add(key)
         self._lru.add(key, location.num_bytes)
@@ -151,7 +156,10 @@ class DiskTier(Tier):
     def _unlink_key(self, key: str, *, is_rewrite_due: bool = False) -> None:
         location = self._index.pop(key, None)
         self._lru.remove(key)
-        if location is None or location.segment not in self._segments:
+        if location is None:
+            return
+        self._generation += 1
+        if location.segment not in self._segments:
             return
         segment = self._segments[location.segment]
         segment.live_keys.discard(key)
@@ -159,6 +167,7 @@ class DiskTier(Tier):
         segment.is_rewrite_due |= is_rewrite_due
 
     def _forget_segment(self, name: str) -> None:
+        self._generation += 1
         segment = self._segments.pop(name)
         self._readers.pop(name, None)
         for key in segment.live_keys:
@@ -170,6 +179,7 @@ class DiskTier(Tier):
         self._readers.move_to_end(name)
         while len(self._readers) > self.max_open_segments:
             self._readers.popitem(last=False)  # the map closes when no buffer uses it
+            self._generation += 1   # (a restore plan's buffers must be views of the current maps)
 
     def _reader(self, name: str) -> SegmentReader:
         reader = self._readers.get(name)
@@ -202,15 +212,43 @@ class DiskTier(Tier):
         self.refresh()
         with self._lock:
             out = [self._read(key) for key in keys]
-            self._lru.touch_many(key for key, value in zip(keys, out) if value is not None)
-            by_segment: dict[str, list[pa.Buffer]] = {}
-            for key, value in zip(keys, out):
-                if value is not None:
-                    by_segment.setdefault(self._index[key].segment, []).append(value)
-            reads = [(self._readers[name], buffers) for name, buffers in sorted(by_segment.items())
-                     if name in self._readers]
+            reads = self._touch(keys, out)
         prefetch_segments(reads)  # (outside the lock: it may wait for the heads)
         return out
+
+    def get_replay(self, keys: Sequence[str], values: Sequence[pa.Buffer | None]) -> Callable[[], None]:
+        """`get_many`'s LRU touches and readahead probe for `values` it returned, as a call (a
+        restore plan's lookup, valid while `generation` is unchanged: the same keys in the same
+        maps, so the ranges are worked out once, here)."""
+        hits = [key for key, value in zip(keys, values) if value is not None]
+        with self._lock:
+            reads = [(reader, reader.ranges(buffers)) for reader, buffers in self._segment_reads(keys, values)]
+
+        def replay() -> None:
+            with self._lock:
+                self._lru.touch_many(hits)
+            prefetch_ranges(reads)
+        return replay
+
+    def _touch(self, keys: Sequence[str], values: Sequence[pa.Buffer | None]) -> list:
+        """(Under the lock) the hits among `keys` become most recently used; returns the reads
+        to hand `prefetch_segments` (`_segment_reads`)."""
+        self._lru.touch_many(key for key, value in zip(keys, values) if value is not None)
+        return self._segment_reads(keys, values)
+
+    def _segment_reads(self, keys: Sequence[str], values: Sequence[pa.Buffer | None]) -> list:
+        """(Under the lock) each segment's reader and its buffers among `values`."""
+        by_segment: dict[str, list[pa.Buffer]] = {}
+        for key, value in zip(keys, values):
+            if value is not None:
+                by_segment.setdefault(self._index[key].segment, []).append(value)
+        return [(self._readers[name], buffers) for name, buffers in sorted(by_segment.items())
+                if name in self._readers]
+
+    def generation(self) -> int:
+        """See the module docstring; other processes' segments are picked up first (`refresh`)."""
+        self.refresh()
+        return self._generation
 
     def put_many(self, items: Sequence[tuple[str, object]], *, is_collecting_evicted: bool = False
                  ) -> list[tuple[str, object]]:
@@ -273,6 +311,7 @@ class DiskTier(Tier):
                 self._segments[old.segment].live_keys.discard(row.key)
                 self._segments[old.segment].dead_bytes += old.num_bytes
                 self._index[row.key] = location
+                self._generation += 1
                 segment.live_keys.add(row.key)
         return True
 
@@ -338,6 +377,7 @@ class DiskTier(Tier):
                     self._remove_file(name)
 
     def _remove_file(self, name: str) -> None:
+        self._generation += 1
         self._segments.pop(name, None)
         self._readers.pop(name, None)
         try:

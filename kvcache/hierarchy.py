@@ -101,21 +101,32 @@ class TierStack:
 
     # -- reads --------------------------------------------------------------------------------
 
-    def get_many(self, keys: Sequence[str], *, defer_verify: bool = False) -> list[Hit | None]:
+    def get_many(self, keys: Sequence[str], *, defer_verify: bool = False, trace: list | None = None
+                 ) -> list[Hit | None]:
         """First valid copy of each key, promoting hits from lower tiers (keys in LRU order:
         the last key ends most recently used). With `defer_verify`, hits from byte tiers come
         back parsed but with their checksum pass and promotion pending: call `settle` on each
         before using its bytes."""
-        return self.fetch([], keys, defer_verify=defer_verify)[1]
+        return self.fetch([], keys, defer_verify=defer_verify, trace=trace)[1]
 
-    def get_index_offsets(self, keys: Sequence[str]) -> list[set[int]]:
+    def get_index_offsets(self, keys: Sequence[str], *, trace: list | None = None) -> list[set[int]]:
         """Union of the checkpoint offsets stored under each index key in every tier."""
-        return self.fetch(keys, [])[0]
+        return self.fetch(keys, [], trace=trace)[0]
 
-    def fetch(self, index_keys: Sequence[str], keys: Sequence[str], *, defer_verify: bool = False
-              ) -> tuple[list[set[int]], list[Hit | None]]:
+    def generations(self) -> tuple[int, ...] | None:
+        """Every tier's `Tier.generation` (each tier first catches up with what other processes
+        changed), or None if a tier has none: while this tuple is unchanged, reading the same
+        keys again gives the same values (restore_plan.py)."""
+        generations = tuple(tier.generation() for tier in self.tiers)
+        return None if None in generations else generations
+
+    def fetch(self, index_keys: Sequence[str], keys: Sequence[str], *, defer_verify: bool = False,
+              trace: list | None = None) -> tuple[list[set[int]], list[Hit | None]]:
         """`get_index_offsets(index_keys)` and `get_many(keys)` together, in ONE read per tier
-        (one pipelined MGET for Redis): the index keys first, then the keys its tiers above lacked."""
+        (one pipelined MGET for Redis): the index keys first, then the keys its tiers above lacked.
+        `trace` (optional) gets what this read changed besides its results, as events that
+        `replay` repeats: ``("get", call)`` per tier read (`Tier.get_replay`), ``("count", tier
+        name, hits, misses, bytes)`` and ``("touch", depth, keys)``."""
         offsets: list[set[int]] = [set() for _ in index_keys]
         hits: list[Hit | None] = [None] * len(keys)
         pending = list(range(len(keys)))
@@ -123,7 +134,10 @@ class TierStack:
             if not (pending or index_keys) or not tier.is_available():
                 continue
             start = time.perf_counter()
-            values = self._tier_get(tier, [*index_keys, *(keys[i] for i in pending)])
+            asked = [*index_keys, *(keys[i] for i in pending)]
+            values = self._tier_get(tier, asked)
+            if trace is not None:
+                trace.append(("get", tier.get_replay(asked, values)))
             for i, value in enumerate(values[:len(index_keys)]):
                 if value is not None:
                     record = value if not tier.stores_bytes else self._decode(tier, index_keys[i], value)
@@ -149,12 +163,40 @@ class TierStack:
             num_bytes = sum(hits[i].num_bytes for i in pending if hits[i] is not None)
             self.counters[tier.name].add_reads(
                 len(pending) - len(remaining), len(remaining), num_bytes, time.perf_counter() - start)
+            if trace is not None:
+                trace.append(("count", tier.name, len(pending) - len(remaining), len(remaining), num_bytes))
             if promoted:
                 self._promote(depth, promoted)
             pending = remaining
         if keys and len(self.tiers) > 1:  # the device's LRU order follows `keys`, wherever each hit came from
-            self.device.touch_many([key for key, hit in zip(keys, hits) if hit is not None])
+            found = [key for key, hit in zip(keys, hits) if hit is not None]
+            self.device.touch_many(found)
+            if trace is not None:
+                self.trace_touch(trace, found)
         return offsets, hits
+
+    def trace_touch(self, trace: list, keys: Sequence[str]) -> None:
+        """Add a ``("touch", 0, keys)`` event of a `device.touch_many(keys)` to `trace`: only the
+        keys the device tier holds (touching another is nothing, and while its generation is
+        unchanged it holds the same keys), no event if none."""
+        held = [key for key, is_held in zip(keys, self.device.contains_many(keys)) if is_held]
+        if held:
+            trace.append(("touch", 0, held))
+
+    def replay(self, events: Sequence[tuple]) -> None:
+        """Repeat what the reads that traced `events` changed (LRU order, counters, readahead),
+        without reading: a restore plan's lookup (restore_plan.py), valid while `generations`
+        is what it was when they were traced."""
+        seconds = 0.0
+        for event in events:
+            if event[0] == "get":
+                start = time.perf_counter()
+                event[1]()
+                seconds = time.perf_counter() - start
+            elif event[0] == "count":
+                self.counters[event[1]].add_reads(event[2], event[3], event[4], seconds)
+            else:
+                self.tiers[event[1]].touch_many(event[2])
 
     @staticmethod
     def _tier_get(tier: Tier, keys: Sequence[str]) -> list:
@@ -195,7 +237,8 @@ class TierStack:
             self._drop(self.tiers[depth], key, exc)
             return False
         hit.pending = None
-        self._promote(depth, [_Pending(key, hit.record, value)])
+        if depth > 1 or self.device.budget_bytes > 0:   # (else promoting it moves nothing)
+            self._promote(depth, [_Pending(key, hit.record, value)])
         return True
 
     def _promote(self, depth: int, items: list[_Pending]) -> None:

@@ -1,11 +1,13 @@
 """Cache keys: chained prefix hashes of token blocks, and the checkpoint / index keys built on them.
 
-Owns no state but a bounded memo of `span_key` (a pure function: a lookup asks for each of its
-span keys twice, and a resent prompt asks again). Every hash is 16 bytes (SHA-256, truncated: SHA-NI makes it about twice as fast as
-blake2b here), so keys are fixed width; every hashed field is fixed width or length-prefixed,
-so they are unambiguous. Token ids are hashed as little-endian uint32 (`token_bytes`); a
-sequence holding an id outside [0, 2**32) (no real vocabulary has one) is hashed as int64 under
-another root: never a collision, only no shared keys with its in-range prefixes.
+Owns no state but two bounded memos of pure functions: `span_key` (a lookup asks for each of its
+span keys twice, and a resent prompt asks again) and `CHAIN_MEMO`, the chain hashes of the
+last few token sequences hashed (see `ChainMemo`). Every hash is 16 bytes (SHA-256,
+truncated: SHA-NI makes it about twice as fast as blake2b here), so keys are fixed width; every
+hashed field is fixed width or length-prefixed, so they are unambiguous. Token ids are hashed as
+little-endian uint32 (`token_bytes`); a sequence holding an id outside [0, 2**32) (no real
+vocabulary has one) is hashed as int64 under another root: never a collision, only no shared
+keys with its in-range prefixes.
 
 - ``h_0 = H("root", fingerprint, salt, block_tokens, token width)``; blocks are chained through
   *anchors* every `GROUP_BLOCKS` (32) blocks: with ``g = (k - 1) // 32``,
@@ -16,7 +18,11 @@ another root: never a collision, only no shared keys with its in-range prefixes.
   inside a group one running-hash step, so a lookup pays per-block work only where it reads
   per-block keys (the index records of the last blocks), not for every block of a long context.
   The token ids are converted to their hashed bytes once per sequence (one ``astype``), and a
-  lookup hashes each of them once: about 0.15 ms for 64K tokens here, SHA-256 at ~1.8 GB/s.
+  lookup hashes each of them once: about 0.15 ms for 64K tokens here, SHA-256 at ~1.8 GB/s. A
+  sequence that shares a prefix with one hashed recently (a resent prompt, the next turn of an
+  agent loop) reuses its hashes up to the last anchor inside the shared prefix (`ChainMemo`:
+  the prefix is compared byte for byte, ~10 us for 64K tokens, so the hashes are exactly the
+  ones this definition gives).
 - block record key ``"b" + hex(h_k)`` (the entries block ``k-1`` produced);
 - span record key ``"s" + hex(H("span", h_k, n))``: the entries of the ``n`` blocks ``[k-n, k)``
   (spans are aligned: ``k`` is a multiple of ``n``);
@@ -35,9 +41,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import threading
 from collections.abc import Sequence
 
 import numpy as np
+
+from kvcache.token_prefix import shared_u32_prefix
 
 DIGEST_BYTES = 16
 BLOCK_TOKENS_MULTIPLE = 128
@@ -103,12 +112,23 @@ class ChainHashes(Sequence):
     first access and kept. Indexing and slicing as a list; `chain_hashes` gives the list."""
 
     def __init__(self, tokens: np.ndarray, block_tokens: int, fingerprint: str,
-                 salt: str | bytes | None, num_blocks: int):
+                 salt: str | bytes | None, num_blocks: int, *, memo: ChainMemo | None = None):
         if num_blocks < 0 or num_blocks * block_tokens > len(tokens):
             raise ValueError(f"{num_blocks} blocks of {block_tokens} exceed {len(tokens)} tokens")
-        self._tokens = tokens[:num_blocks * block_tokens]
-        width = token_width(self._tokens)
-        self._width = width
+        tokens = tokens[:num_blocks * block_tokens]
+        memo = CHAIN_MEMO if memo is None else memo
+        found = memo.find(tokens, fingerprint, _salt_bytes(salt), block_tokens)   # (entry, shared ids) or None
+        if found is not None and found[1] == len(tokens) == len(found[0]._array):   # the same ids
+            width, array = found[0]._width, found[0]._array   # (shared: never written)
+        else:
+            width = token_width(tokens)
+            # the hashed bytes of all the tokens as one array of this chain's own (converted once:
+            # one ``astype``, not one per group; a copy, so the memo never sees the caller change them)
+            array = np.array(tokens, dtype="<u4" if width == 4 else "<i8")
+            if found is not None and found[0]._width != width:   # (another root: nothing shared)
+                found = None
+        self._width, self._array = width, array
+        self._data = memoryview(array).cast("B")
         self._block_tokens = block_tokens
         self._num_blocks = num_blocks
         # what every block hash digests before its anchor: the tag, fingerprint and salt, framed as
@@ -116,9 +136,12 @@ class ChainHashes(Sequence):
         self._base = hashlib.sha256(len(b"block").to_bytes(8, "little") + b"block")
         for value in (fingerprint.encode(), _salt_bytes(salt)):
             self._base.update(len(value).to_bytes(8, "little") + value)
-        self._anchors = [root_hash(fingerprint, salt, block_tokens, width)]  # h_0, h_32, h_64, ...
+        self._params = (fingerprint, _salt_bytes(salt), block_tokens, width)  # what h_0 hashes
+        self._anchors: list[bytes] = []  # h_0, h_32, h_64, ... (h_0 made below unless the memo knows it)
         self._groups: dict[int, list[bytes]] = {}  # g -> [h_{32g+1}, ..., h_{32g+32}] (or fewer at the end)
-        self._data: memoryview | None = None  # the hashed bytes of all the tokens (made on first use)
+        memo.adopt(self, found)
+        if not self._anchors:
+            self._anchors.append(root_hash(fingerprint, salt, block_tokens, width))
 
     def __len__(self) -> int:
         return self._num_blocks + 1
@@ -140,10 +163,7 @@ class ChainHashes(Sequence):
         return digest
 
     def _group_bytes(self, group: int) -> memoryview:
-        """The hashed bytes of a group's tokens: a slice of all the tokens' bytes, converted
-        once (one ``astype`` of the whole array, not one per group)."""
-        if self._data is None:
-            self._data = token_bytes(self._tokens, self._width)
+        """The hashed bytes of a group's tokens: a slice of all the tokens' bytes."""
         group_bytes = GROUP_BLOCKS * self._block_tokens * self._width
         return self._data[group * group_bytes:(group + 1) * group_bytes]
 
@@ -170,6 +190,93 @@ class ChainHashes(Sequence):
             if len(hashes) == GROUP_BLOCKS and len(self._anchors) == group + 1:
                 self._anchors.append(hashes[-1])
         return hashes
+
+
+class ChainMemo:
+    """The `ChainHashes` of the last few token sequences hashed (`max_entries`, at most
+    `max_bytes` of hashed token bytes in all), most recently used first; thread-safe.
+
+    Why: a lookup hashes every token of its sequence (~0.15 ms per 64K tokens), and the
+    sequences a cache is asked about come back: a resent prompt, a retried request, the next
+    turn of a conversation (the same tokens plus some). `adopt` gives a new chain the hashes an
+    earlier chain of the same root (fingerprint, salt, block size, token width) already has for
+    their shared prefix: the anchors and groups of 32 blocks that lie wholly inside it (all of
+    them for the same tokens). Exact: the prefix is compared byte for byte (hashed bytes, so
+    the width is the same too), and each of those hashes is a function of that prefix alone
+    (see the module docstring). Each chain keeps its own lists (copied), so chains computing
+    their remaining hashes at the same time never share a list."""
+
+    def __init__(self, max_entries: int = 8, max_bytes: int = 64 << 20):
+        self.max_entries, self.max_bytes = max_entries, max_bytes
+        self._entries: list[ChainHashes] = []
+        self._lock = threading.Lock()
+        self.num_hits = self.num_misses = 0   # adoptions with / without a shared group or root
+
+    def find(self, tokens: np.ndarray, fingerprint: str, salt: bytes, block_tokens: int
+             ) -> tuple[ChainHashes, int] | None:
+        """The remembered chain of this fingerprint, salt and block size that shares the most
+        leading token ids with `tokens` (the ids as given, int64), and how many it shares; None
+        if none shares any. (The caller checks the token width, which the root hashes too.)"""
+        with self._lock:
+            entries = list(self._entries)
+        best = None
+        for entry in entries:
+            if entry._params[:3] != (fingerprint, salt, block_tokens):
+                continue
+            other = entry._array
+            shared = shared_u32_prefix(tokens, other) if entry._width == 4 else _shared_tokens(tokens, other)
+            if shared and (best is None or shared > best[1]):
+                best = (entry, shared)
+                if shared == len(tokens) == len(other):
+                    break
+        return best
+
+    def adopt(self, chain: ChainHashes, found: tuple[ChainHashes, int] | None) -> None:
+        """Give `chain` (fresh: no hashes yet) the hashes of `found` (`find`: a chain of the
+        same root and how many leading ids they share) that lie wholly inside their shared
+        prefix (all of them for the same ids), then remember `chain` (most recently used)."""
+        is_same = False
+        if found is not None:
+            best, shared = found
+            is_same = best._array is chain._array
+            anchors, groups = best._anchors[:], best._groups.copy()   # (copies: atomic under the GIL)
+            if not is_same:
+                num_groups = shared // (GROUP_BLOCKS * chain._block_tokens)
+                anchors = anchors[:num_groups + 1]
+                groups = {g: hashes for g, hashes in groups.items() if g < num_groups}
+            chain._anchors[:], chain._groups = anchors, groups
+        with self._lock:
+            self.num_hits += found is not None
+            self.num_misses += found is None
+            kept = [e for e in self._entries if e is not chain and not (is_same and e is found[0])]
+            kept.insert(0, chain)
+            num_bytes = 0
+            for i, entry in enumerate(kept):
+                num_bytes += entry._array.nbytes
+                if i >= self.max_entries or (i and num_bytes > self.max_bytes):
+                    del kept[i:]
+                    break
+            self._entries = kept
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries = []
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def _shared_tokens(a: np.ndarray, b: np.ndarray) -> int:
+    """How many leading elements `a` and `b` share (as numbers)."""
+    n = min(len(a), len(b))
+    if n == 0 or a[0] != b[0]:
+        return 0
+    if np.array_equal(a[:n], b[:n]):
+        return n
+    return int(np.argmax(a[:n] != b[:n]))
+
+
+CHAIN_MEMO = ChainMemo()
 
 
 def chain_hashes(

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -38,6 +37,7 @@ import torch
 
 from kvcache import checksum as checksums
 from kvcache import parse_cache
+from kvcache.record_tensors import DTYPES, Slot, byte_view, contiguous_strides, dtype_name, strided_views
 
 FORMAT_VERSION = 3
 _ALIGN = 16  # every tensor starts at a multiple of this in the data buffer (zero padding)
@@ -50,15 +50,7 @@ _META_KIND = b"kv.kind"
 _META_KEY = b"kv.key"
 _META_CHECKSUM = b"kv.checksum"
 
-_DTYPES: dict[str, torch.dtype] = {
-    str(dtype).removeprefix("torch."): dtype
-    for dtype in (
-        torch.float64, torch.float32, torch.float16, torch.bfloat16,
-        torch.float8_e4m3fn, torch.float8_e5m2,
-        torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
-    )
-}
-_MAX_ITEMSIZE = max(dtype.itemsize for dtype in _DTYPES.values())  # a data region must start aligned to it
+_MAX_ITEMSIZE = max(dtype.itemsize for dtype in DTYPES.values())  # a data region must start aligned to it
 _SCHEMA_FIELDS = [
     pa.field("name", pa.utf8(), nullable=False),
     pa.field("dtype", pa.utf8(), nullable=False),
@@ -67,13 +59,6 @@ _SCHEMA_FIELDS = [
 ]
 
 
-with warnings.catch_warnings():  # torch warns once per process about read-only buffers; borrowed
-    warnings.simplefilter("ignore")  # tensors are never written, so spend that warning here
-    torch.from_numpy(np.frombuffer(b"\0" * 8, dtype=np.uint8))
-
-
-# a tensor's place in a record's data region: (byte offset, byte count, dtype, shape, strides)
-Slot = tuple[int, int, torch.dtype, tuple[int, ...], tuple[int, ...]]
 
 
 class RecordError(Exception):
@@ -121,6 +106,16 @@ class Record:
     def is_verified(self) -> bool:
         return self._check is None
 
+    def unverified_copy(self) -> Record:
+        """A new record over the same bytes and parse whose checksum check is pending if this
+        one's is (this record itself when it holds tensors): a restore plan keeps one taken at
+        the lookup and hands out a copy of it per replay, so every replay verifies the bytes
+        again (restore_plan.py)."""
+        if self._slots is None:
+            return self
+        return Record._decoded(self.kind, self.key, self._raw, self._slots, self._specs, self.is_borrowed,
+                               self._check, self._address)
+
     def verify(self, column_sums=None) -> None:
         """Run the checksum check `decode_record(..., verify=False)` left pending (once);
         raises `RecordError` if the bytes are corrupt. `column_sums`: the data region's
@@ -164,7 +159,7 @@ class Record:
     def tensors(self) -> dict[str, torch.Tensor]:
         if self._tensors is None:
             self.verify()
-            self._tensors = _strided_views(self._raw, self._slots)  # shares the region (read-only if borrowed)
+            self._tensors = strided_views(self._raw, self._slots)  # shares the region (read-only if borrowed)
         return self._tensors
 
     def tensor_views(self, *, verify: bool = True) -> dict[str, torch.Tensor]:
@@ -173,7 +168,7 @@ class Record:
         restore verifies each record right before copying its rows, see restore.py)."""
         if verify or self._slots is None or self._check is None:
             return self.tensors
-        return _strided_views(self._raw, self._slots)
+        return strided_views(self._raw, self._slots)
 
     def specs(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         """Each tensor's (dtype, shape), from the parsed layout (no tensor built, no check run;
@@ -191,7 +186,7 @@ class Record:
             raw = self._raw
             return {name: (raw[lo:lo + nbytes], dtype, shape)
                     for name, (lo, nbytes, dtype, shape, _) in self._slots.items()}
-        return {name: (_byte_view(t.contiguous()), t.dtype, tuple(t.shape)) for name, t in self._tensors.items()}
+        return {name: (byte_view(t.contiguous()), t.dtype, tuple(t.shape)) for name, t in self._tensors.items()}
 
     def row_blocks(self, *, verify: bool = True
                    ) -> dict[str, torch.Tensor | tuple[np.ndarray, torch.dtype, tuple[int, ...]]]:
@@ -221,41 +216,6 @@ class Record:
         return f"Record({self.kind!r}, {self.key!r}, {self.num_bytes} bytes, is_borrowed={self.is_borrowed})"
 
 
-def _strided_views(raw: np.ndarray, slots: dict[str, Slot]) -> dict[str, torch.Tensor]:
-    """Each slot of the uint8 region `raw` as a contiguous tensor view: one `as_strided` per
-    tensor on a view of the region in its dtype (slots start at multiples of 16 bytes, so the
-    offsets divide; the strides were computed by the parse)."""
-    base = torch.from_numpy(raw)
-    typed: dict[torch.dtype, torch.Tensor] = {}
-    out = {}
-    for name, (lo, _, dtype, shape, strides) in slots.items():
-        whole = typed.get(dtype)
-        if whole is None:
-            size = dtype.itemsize
-            whole = typed[dtype] = (base if raw.nbytes % size == 0 else base[:raw.nbytes // size * size]).view(dtype)
-        out[name] = whole.as_strided(shape, strides, lo // dtype.itemsize)
-    return out
-
-
-def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    strides = [1] * len(shape)
-    for i in range(len(shape) - 1, 0, -1):
-        strides[i - 1] = strides[i] * shape[i]
-    return tuple(strides)
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    name = str(dtype).removeprefix("torch.")
-    if name not in _DTYPES:
-        raise ValueError(f"unsupported tensor dtype {dtype}")
-    return name
-
-
-def _byte_view(tensor: torch.Tensor) -> np.ndarray:
-    """The bytes of a contiguous tensor as a uint8 numpy view (no copy)."""
-    return tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy()
-
-
 def _header_bytes(kind: str, key: str, fingerprint: str, names: list, dtypes: list, shapes: list, *,
                   version: str | None = None) -> bytes:
     """What the checksum covers besides the tensor bytes. Unambiguous: no field holds a NUL
@@ -273,7 +233,7 @@ def encode_record(record: Record, fingerprint: str, *, checksum: str = checksums
     if checksum not in CHECKSUM_ALGOS:
         raise ValueError(f"checksum must be one of {CHECKSUM_ALGOS}, got {checksum!r}")
     names = list(record.tensors)
-    parts = [_byte_view(record.tensors[name].contiguous()) for name in names]
+    parts = [byte_view(record.tensors[name].contiguous()) for name in names]
     sizes = [-(-p.nbytes // _ALIGN) * _ALIGN for p in parts]  # each element padded to _ALIGN
     offsets = np.zeros(len(parts) + 1, dtype=np.int64)
     np.cumsum(sizes, out=offsets[1:])
@@ -421,14 +381,14 @@ def _parse(data, view: memoryview) -> tuple[parse_cache.Parsed, np.ndarray]:
         raise RecordError(f"bad checksum field {stored!r}")
     slots: dict[str, tuple[int, int, torch.dtype, tuple[int, ...]]] = {}
     for i, (name, dtype, shape) in enumerate(zip(names, dtypes, shapes)):
-        torch_dtype = _DTYPES.get(dtype)
+        torch_dtype = DTYPES.get(dtype)
         if torch_dtype is None or name in slots or min(shape, default=0) < 0:
             raise RecordError(f"bad tensor spec {name!r} {dtype!r} {shape!r}")
         nbytes = math.prod(shape) * torch_dtype.itemsize
         lo, hi = offsets[i] - start, offsets[i + 1] - start
         if lo % _ALIGN or not hi - _ALIGN < lo + nbytes <= hi:
             raise RecordError(f"tensor {name!r}: {nbytes} bytes do not fit its {hi - lo}-byte slot")
-        slots[name] = (lo, nbytes, torch_dtype, tuple(shape), _contiguous_strides(shape))
+        slots[name] = (lo, nbytes, torch_dtype, tuple(shape), contiguous_strides(shape))
     specs = {name: (dtype, shape) for name, (_, _, dtype, shape, _) in slots.items()}
     parsed = parse_cache.Parsed(version, record_fingerprint, kind, key, stored, header, slots, specs, 0, raw.nbytes)
     return parsed, raw

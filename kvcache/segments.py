@@ -115,8 +115,12 @@ def prefetch_segments(reads: Sequence[tuple[SegmentReader, Sequence[pa.Buffer]]]
     Returns the bytes asked for (0 when everything was in memory). Advisory: where the calls
     are unavailable the reads fault their pages in as they go. `wait_for_readahead` waits
     for step 2."""
-    todo = [(reader, ranges) for reader, ranges in ((r, r.ranges(b)) for r, b in reads)
-            if not reader.is_resident(ranges)]
+    return prefetch_ranges([(reader, reader.ranges(buffers)) for reader, buffers in reads])
+
+
+def prefetch_ranges(reads: Sequence[tuple[SegmentReader, Sequence[tuple[int, int]]]]) -> int:
+    """`prefetch_segments` of byte ranges (each segment's reader and `SegmentReader.ranges`)."""
+    todo = [(reader, ranges) for reader, ranges in reads if not reader.is_resident(ranges)]
     if not todo:
         return 0
     for reader, ranges in todo:

@@ -33,7 +33,8 @@ runs right before its bytes are copied into the state (`TierStack.settle`), so t
 from memory once; a record that fails it is deleted from its tier and asked for again (the
 tiers below, or single blocks, or a shorter prefix). The state is one byte copy of the stored
 tensors into pooled, warm memory (memory.py), or with ``is_deferred`` row blocks that the engine's
-state copies once (assembly.py, restore.py).
+state copies once (assembly.py, restore.py). A deferred lookup asked again while no tier changed
+replays its answer over the same bytes, still verified (restore_plan.py; `_plans`, owned here).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ from kvcache.keys import (
 from kvcache.record import Record
 from kvcache.redis_tier import RedisTier
 from kvcache.assembly import CorruptRecord, StateAssembler
+from kvcache.restore_plan import PlanTrace, RestorePlans, plan_key
 from kvcache.stats import CommitResult, LookupResult, ServiceStats
 
 log = logging.getLogger(__name__)
@@ -103,6 +105,7 @@ class KVCacheService:
         self.stack = TierStack(tiers, self.storage_fingerprint, checksum=self.config.checksum,
                                max_pending_bytes=self.config.max_pending_bytes)
         self._assembler = StateAssembler(self.stack, self.entry_rates, self.config)
+        self._plans = RestorePlans()  # deferred lookups' answers, replayed while the tiers are unchanged
         self._lock = threading.Lock()
         self._num_lookups = self._num_hit_lookups = self._num_commits = 0
         self._num_lookup_tokens = self._num_cached_tokens = 0
@@ -149,6 +152,16 @@ class KVCacheService:
         block_tokens = self.config.block_tokens
         # hashes over all the tokens (lazily): a span that ends past `limit` can still serve its head
         hashes = ChainHashes(tokens, block_tokens, self.storage_fingerprint, salt, len(tokens) // block_tokens)
+        if not is_deferred or self.config.is_fp8 or limit == 0:
+            return self._find(tokens, salt, limit, hashes, is_deferred, None)
+        key = plan_key(tokens, hashes, limit, block_tokens, self.config.span_blocks)   # restore_plan.py
+        return self._plans.lookup(self.stack, key, lambda trace: self._find(tokens, salt, limit, hashes, True, trace))
+
+    def _find(self, tokens: np.ndarray, salt, limit: int, hashes: ChainHashes, is_deferred: bool,
+              trace: PlanTrace | None) -> LookupResult | None:
+        """`_lookup` without a plan: `trace` (optional) gets what a replay needs."""
+        block_tokens = self.config.block_tokens
+        events = None if trace is None else trace.events
         fetched: dict[str, Hit | None] = {}
         num_usable_blocks = limit // block_tokens  # blocks [0, n) may all be cached; lowered on misses
         last_block_id = num_usable_blocks
@@ -159,10 +172,10 @@ class KVCacheService:
             index_keys = [index_key(hashes[k]) for k in block_ids]
             if num_groups == 1 and limit > 0:  # the first read
                 keys = self._prefetch_keys(tokens, salt, hashes, limit)
-                offsets, hits = self.stack.fetch(index_keys, keys, defer_verify=True)
+                offsets, hits = self.stack.fetch(index_keys, keys, defer_verify=True, trace=events)
                 fetched.update(zip(keys, hits))
             else:
-                offsets = self.stack.get_index_offsets(index_keys)
+                offsets = self.stack.get_index_offsets(index_keys, trace=events)
             num_groups = max(1, INDEX_CHUNK_BLOCKS // GROUP_BLOCKS)
             candidates = sorted({
                 k * block_tokens + o for k, found in zip(block_ids, offsets) for o in found
@@ -171,7 +184,7 @@ class KVCacheService:
             for position in candidates:
                 if position // block_tokens > num_usable_blocks:
                     continue
-                result = self._try_checkpoint(tokens, salt, hashes, position, fetched, is_deferred)
+                result = self._try_checkpoint(tokens, salt, hashes, position, fetched, is_deferred, trace)
                 if isinstance(result, LookupResult):
                     return result
                 num_usable_blocks = min(num_usable_blocks, result)
@@ -190,16 +203,21 @@ class KVCacheService:
                 *self._run_keys(hashes, position // self.config.block_tokens)]
 
     def _try_checkpoint(self, tokens: np.ndarray, salt, hashes: ChainHashes, position: int,
-                        fetched: dict[str, Hit | None], is_deferred: bool = False) -> LookupResult | int:
+                        fetched: dict[str, Hit | None], is_deferred: bool = False,
+                        trace: PlanTrace | None = None) -> LookupResult | int:
         """The state at `position`, or (a miss) how many leading blocks can still be cached.
         Every record it uses is verified (`TierStack.settle`) right before its bytes are used;
         one that fails was deleted from its tier, so asking again gets the next copy or a miss.
-        `is_deferred` (no FP8): the run records' checks and copies wait for `load_into`."""
+        `is_deferred` (no FP8): the run records' checks and copies wait for `load_into`.
+        `trace`: see `_find` (a deferred hit is kept there)."""
         k = position // self.config.block_tokens
         key = self._checkpoint_key(tokens, salt, hashes, position)
+        events = None if trace is None else trace.events
         for _ in range(MAX_SETTLE_ATTEMPTS):
-            self._fetch([key], fetched)
+            self._fetch([key], fetched, events)
             checkpoint = fetched[key]
+            if trace is not None and checkpoint is not None:
+                trace.set_checkpoint(checkpoint)   # (before it is settled: a replay verifies it again)
             if checkpoint is None or self.stack.settle(checkpoint):
                 break
             fetched.pop(key)
@@ -208,7 +226,7 @@ class KVCacheService:
         if checkpoint is None:
             return len(hashes)
         for _ in range(MAX_SETTLE_ATTEMPTS):
-            pieces, first_missing = self._fetch_runs(hashes, k, fetched)
+            pieces, first_missing = self._fetch_runs(hashes, k, fetched, events)
             if first_missing < k:
                 return first_missing
             try:
@@ -226,13 +244,17 @@ class KVCacheService:
         else:
             return len(hashes)
         # LRU order as `get_many` leaves it: the head of the prefix most recently used
-        self.stack.device.touch_many([hit.record.key for hit, _, _ in reversed(pieces)])
+        touched = [hit.record.key for hit, _, _ in reversed(pieces)]
+        self.stack.device.touch_many(touched)
         result = LookupResult(position, state, checkpoint_tier=checkpoint.tier, deferred=deferred)
         for hit, _, num_used in pieces:
             result.num_blocks_by_tier[hit.tier] = result.num_blocks_by_tier.get(hit.tier, 0) + num_used
         for hit in [p[0] for p in pieces] + [checkpoint]:
             result.num_records_by_tier[hit.tier] = result.num_records_by_tier.get(hit.tier, 0) + 1
             result.num_bytes_by_tier[hit.tier] = result.num_bytes_by_tier.get(hit.tier, 0) + hit.num_bytes
+        if trace is not None and deferred is not None:
+            self.stack.trace_touch(trace.events, touched)
+            trace.result = result
         return result
 
     def _run_keys(self, hashes: ChainHashes, num_blocks: int) -> list[str]:
@@ -252,8 +274,8 @@ class KVCacheService:
         end_hash = hashes[first_block_id + num_blocks]
         return block_key(end_hash) if num_blocks == 1 else span_key(end_hash, num_blocks)
 
-    def _fetch_runs(self, hashes: ChainHashes, num_blocks: int, fetched: dict[str, Hit | None]
-                    ) -> tuple[list[tuple[Hit, int, int]], int]:
+    def _fetch_runs(self, hashes: ChainHashes, num_blocks: int, fetched: dict[str, Hit | None],
+                    events: list | None = None) -> tuple[list[tuple[Hit, int, int]], int]:
         """Records covering blocks ``[0, num_blocks)``: ``([(hit, first block, blocks used)],
         first missing block)``. A span is used whenever the tokens cover all of it; where it is
         missing (or ends past the tokens) its blocks come from single-block records. Fetches
@@ -263,13 +285,13 @@ class KVCacheService:
         span_ids = range(-(-num_blocks // span_blocks))
         span_keys = {j: self._run_key(hashes, j * span_blocks, span_blocks) for j in span_ids
                      if (j + 1) * span_blocks <= num_known_blocks}
-        self._fetch([span_keys[j] for j in reversed(span_ids) if j in span_keys], fetched)
+        self._fetch([span_keys[j] for j in reversed(span_ids) if j in span_keys], fetched, events)
         single_ids = [
             b for j in span_ids if fetched.get(span_keys.get(j)) is None
             for b in range(j * span_blocks, min((j + 1) * span_blocks, num_blocks))
         ]
         if span_blocks > 1:
-            self._fetch([block_key(hashes[b + 1]) for b in reversed(single_ids)], fetched)
+            self._fetch([block_key(hashes[b + 1]) for b in reversed(single_ids)], fetched, events)
         pieces: list[tuple[Hit, int, int]] = []
         block_id = 0
         while block_id < num_blocks:
@@ -284,11 +306,11 @@ class KVCacheService:
             block_id += num_used
         return pieces, num_blocks
 
-    def _fetch(self, keys: list[str], fetched: dict[str, Hit | None]) -> None:
+    def _fetch(self, keys: list[str], fetched: dict[str, Hit | None], events: list | None = None) -> None:
         """Block and span records, their checksum pass deferred to the assembly (assembly.py)."""
         keys = [key for key in keys if key not in fetched]
         if keys:
-            fetched.update(zip(keys, self.stack.get_many(keys, defer_verify=True)))
+            fetched.update(zip(keys, self.stack.get_many(keys, defer_verify=True, trace=events)))
 
     def commit(self, token_ids: Sequence[int] | np.ndarray, states: Mapping[int, State],
                salt: str | bytes | None = None) -> CommitResult:
@@ -372,6 +394,7 @@ class KVCacheService:
         return self.stack.flush(timeout)
 
     def close(self) -> None:
+        self._plans.clear()
         self.stack.close()
 
     def __enter__(self) -> KVCacheService:

@@ -9,7 +9,7 @@ Tiers never raise for an unavailable backend: a tier that cannot be reached repo
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 
@@ -41,6 +41,20 @@ class Tier(ABC):
         """Make the known keys most recently used, in order."""
         with self._lock:
             self._lru.touch_many(keys)
+
+    def generation(self) -> int | None:
+        """A number that changes whenever a key of this tier may have come, gone or changed its
+        value (this process's changes and, once seen, other processes'), or None when the tier
+        cannot tell (Redis: other processes write it unseen). Restore plans (restore_plan.py)
+        are replayed only while every tier's is what it was."""
+        return None
+
+    def get_replay(self, keys: Sequence[str], values: Sequence[Any | None]) -> Callable[[], None]:
+        """A call that repeats what `get_many(keys)` returning `values` changed besides its result
+        (the hits become most recently used), without reading: a restore plan replays a
+        lookup's reads with it (valid while `generation` is unchanged)."""
+        hits = [key for key, value in zip(keys, values) if value is not None]
+        return (lambda: self.touch_many(hits)) if hits else (lambda: None)
 
     @abstractmethod
     def delete_many(self, keys: Sequence[str]) -> None:

@@ -16,7 +16,7 @@ Export names (the KV service stores these): "num_tokens" (int64 scalar) and per 
 "{i}.window", "{i}.comp.{entries,tail_kv,tail_gate[,overlap_kv,overlap_gate]}",
 "{i}.index.{entries,tail_kv,tail_gate,overlap_kv,overlap_gate}".
 
-`SequenceState.load`'s copies (row blocks, byte blocks, the window) are in state_load.py.
+`SequenceState.load` (checks, row blocks, byte blocks, the window, load plans) is in state_load.py.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from .config import CSA, HCA, SLIDING, ModelConfig
-from .state_load import RowSink, block_rows, load_window
+from .state_load import ByteCopies, LoadPlan, RowSink, block_rows, load_state
 
 
 
@@ -354,7 +354,7 @@ class SequenceState:
         return state
 
     def load(self, tensors: dict, *, before_block: Callable[[int], None] | None = None,
-             copy_block: Callable[[int, list], None] | None = None) -> None:
+             copy_blocks: Callable[[ByteCopies], None] | None = None, plan: LoadPlan | None = None) -> None:
         """Overwrite this (fresh) state with `export()` output, in place (a pooled state keeps its slot).
 
         Each "*.entries" value is one tensor or a list of row blocks that concatenate to it (a
@@ -365,62 +365,23 @@ class SequenceState:
         order: block j of every entries tensor before block j+1 of any, and `before_block(j)`
         runs right before block j's copies (a caller whose block j of every tensor comes from
         one source, e.g. a cache record, can verify that source there and the copies then read
-        it from cache). `copy_block(j, copies)` (optional, after `before_block(j)`): the
-        `ByteRows` blocks j that are plain byte copies into CPU memory are not copied here but
-        handed over as ``copies``, a list of ``(block, byte offset in it, byte count,
-        destination address)`` (`RowSink.plan_bytes`), for the caller to copy (e.g. verifying
-        the bytes in the same pass, model_shards/byte_kernels.py); the other blocks j are
-        copied here after it returns. Every tensor is shape-checked before anything changes
-        (KeyError / ValueError / TypeError: the state is untouched); an exception from
-        `before_block` or `copy_block` propagates and leaves the state partly loaded: the caller
-        must discard it."""
-        if "num_tokens" not in tensors:
-            raise KeyError("state tensor 'num_tokens' missing")
-        cfg = self.config
-        n = int(tensors["num_tokens"])
-        w = min(n, cfg.sliding_window - 1)
-        for i in range(len(self.layers)):  # check every tensor before changing anything
-            win = tensors.get(f"{i}.window")
-            if win is None:
-                raise KeyError(f"state tensor '{i}.window' missing")
-            if tuple(win.shape) != (w, cfg.head_dim):
-                raise ValueError(f"state tensor '{i}.window' has shape {tuple(win.shape)}, expected {(w, cfg.head_dim)}")
-        comps = [(cs, cs.checked_parts(f"{i}.{name}", tensors, n)) for i, layer in enumerate(self.layers)
-                 for name, cs in (("comp", layer.comp), ("index", layer.index)) if cs is not None]
-        if any(cs.num_entries for cs, _ in comps):
-            raise ValueError("load() needs a fresh state")
-        for i, layer in enumerate(self.layers):
-            load_window(layer, tensors[f"{i}.window"], n)
-        for cs, parts in comps:
-            cs.set_fixed(parts)
-            cs.reserve_entries(n // cs.rate)
-        # every compressor reserved first: a page growth re-allocates the pages of its whole rate
-        page_runs: dict[int, list] = {}   # id(page list) -> its runs (shared by a rate's compressors)
-        sinks = []
-        for cs, parts in comps:
-            runs = None
-            if cs._paged is not None:
-                pages = cs._paged[2]
-                runs = page_runs.get(id(pages))
-                if runs is None:
-                    runs = page_runs[id(pages)] = cs.page_runs(0, n // cs.rate)
-            sinks.append((RowSink(cs, n // cs.rate, cs.entry_rows(0, n // cs.rate, runs)), parts["entries"]))
-        num_blocks = max((len(blocks) for _, blocks in sinks), default=0)
-        for j in range(num_blocks):
-            if before_block is not None:
-                before_block(j)
-            if copy_block is None:
-                for sink, blocks in sinks:
-                    if j < len(blocks):
-                        sink.append(blocks[j])
-                continue
-            copies: list = []
-            others = [(sink, blocks[j]) for sink, blocks in sinks if j < len(blocks)
-                      and (type(blocks[j]) is not tuple or not sink.plan_bytes(blocks[j], copies))]
-            copy_block(j, copies)
-            for sink, block in others:
-                sink.append(block)
-        self.num_tokens = n
+        it from cache). `copy_blocks(copies)` (optional, instead of `before_block`): the
+        `ByteRows` blocks that are plain byte copies into CPU memory are not copied here but
+        handed over, all in ONE call once every block is planned, as `state_load.ByteCopies`
+        (block, its j, byte offset in it, byte count, destination address per copy), for the
+        caller to copy (e.g. verifying the bytes in the same pass, model_shards/byte_kernels.py,
+        one C call for every record); the other blocks (tensors, another dtype, a non-CPU
+        destination) are copied here while planning, before it. `plan`: a `plan_load` of this
+        same `tensors`, whose checks and planning are then not repeated. Every tensor is
+        shape-checked before anything changes (KeyError / ValueError / TypeError: the state is
+        untouched); an exception from `before_block` or `copy_blocks` propagates and leaves the
+        state partly loaded: the caller must discard it. (The work is state_load.py's.)"""
+        load_state(self, tensors, before_block, copy_blocks, plan)
+
+    def plan_load(self, tensors: dict) -> LoadPlan:
+        """`load`'s checks (raising as `load` does) and copy plan of `tensors`, kept for loads of
+        the same dict into fresh states of this one's structure (``load(tensors, plan=...)``)."""
+        return LoadPlan(self, tensors)
 
     def clone(self) -> "SequenceState":
         layers = [layer.clone() for layer in self.layers]

@@ -1,10 +1,12 @@
-"""Loading a `SequenceState` from exported row blocks: the copies `SequenceState.load` makes.
+"""Loading a `SequenceState` from exported row blocks: `SequenceState.load` and its copies.
 
-Owns nothing: these helpers write into the compressor / layer states they are given (state.py owns
-those). A row block is a [rows, dim] tensor or `ByteRows`, the KV cache's deferred restore form:
-its bytes, copied into CPU pages as one numpy byte copy (no tensor built), or handed back to
-the caller as (source offset, byte count, destination address) copies (`RowSink.plan_bytes`,
-``SequenceState.load(copy_block=...)``: the KV cache verifies and copies them in one pass).
+Owns nothing: these helpers write into the states they are given (state.py owns those); a
+`LoadPlan` only holds what it planned (tensors it will copy from, arrays of offsets). A row block
+is a [rows, dim] tensor or `ByteRows`, the KV cache's deferred restore form: its bytes, copied
+into CPU pages as one numpy byte copy (no tensor built), or handed back to the caller as
+`ByteCopies` (``SequenceState.load(copy_blocks=...)``: the KV cache verifies and copies them in
+one pass). A `LoadPlan` (``SequenceState.plan_load``) keeps a load's checks and copy plan for
+loading the same tensors again into fresh states of the same structure.
 """
 
 from __future__ import annotations
@@ -14,13 +16,18 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from .byte_kernels import copy_segments, is_available as has_byte_kernels
+
 if TYPE_CHECKING:
-    from .state import CompressorState, LayerState
+    from .state import CompressorState, LayerState, SequenceState
 
 # A row block given as its bytes (the KV cache's deferred restore passes these, see
 # `SequenceState.load`): (a 1-D C-contiguous uint8 numpy array holding the rows' contiguous
 # bytes, their dtype, their shape (rows, dim)). Never written.
 ByteRows = tuple[np.ndarray, torch.dtype, tuple[int, int]]
+
+
+_U8 = np.dtype(np.uint8)   # (a builtin dtype: one object, so `is` tells a uint8 array)
 
 
 def block_rows(blocks, dim: int, key: str) -> int:
@@ -32,7 +39,7 @@ def block_rows(blocks, dim: int, key: str) -> int:
             if len(b) != 3:
                 raise TypeError(f"state tensor {key!r}: a row block must be a tensor or (bytes, dtype, shape)")
             data, dtype, shape = b
-            if (type(data) is not np.ndarray or data.ndim != 1 or data.dtype.char != "B"
+            if (type(data) is not np.ndarray or data.dtype is not _U8 or data.ndim != 1
                     or (data.strides[0] != 1 and data.size > 1) or type(dtype) is not torch.dtype):
                 raise TypeError(f"state tensor {key!r}: a byte row block must be a 1-D contiguous uint8 array")
             if len(shape) != 2 or shape[1] != dim or data.nbytes != shape[0] * dim * dtype.itemsize:
@@ -45,6 +52,13 @@ def block_rows(blocks, dim: int, key: str) -> int:
         else:
             raise TypeError(f"state tensor {key!r} must be a tensor or a list of row blocks")
     return total
+
+
+def _as_byte_rows(block: torch.Tensor, dtype: torch.dtype) -> ByteRows | None:
+    """A contiguous CPU tensor block of `dtype` as `ByteRows` viewing its bytes, else None."""
+    if block.device.type != "cpu" or block.dtype is not dtype or not block.is_contiguous():
+        return None
+    return block.reshape(-1).view(torch.uint8).numpy(), block.dtype, tuple(block.shape)
 
 
 def _byte_block_tensor(block: ByteRows) -> torch.Tensor:
@@ -100,20 +114,15 @@ class RowSink:
             if end == out.nbytes:
                 self.run_id += 1
 
-    def plan_bytes(self, block: ByteRows, out: list) -> bool:
+    def plan_bytes(self, block: ByteRows, block_id: int, out: list) -> bool:
         """Like `append_bytes`, but the copies are left to the caller: appends to `out` one
-        ``(block, byte offset in the block's bytes, byte count, destination address)`` per copy
-        (two where the block straddles two runs of scattered pages) and counts the rows as
-        appended. False (nothing done) when the block cannot be copied as plain bytes (another
-        dtype, a non-CPU destination): `append` it instead. The caller must make the copies
-        before the state is used (or discard the state)."""
+        ``(block, block_id, byte offset in the block's bytes, byte count, destination address)``
+        per copy (two where the block straddles two runs of scattered pages) and counts the rows
+        as appended. False (nothing done) when the block cannot be copied as plain bytes
+        (another dtype, a non-CPU destination): `append` it instead. The caller must make the
+        copies before the state is used (or discard the state)."""
         data, dtype, shape = block
-        runs = self._address_runs
-        if runs is None:   # (once per load: the destination runs' addresses, when it is CPU memory)
-            runs = self._address_runs = []
-            if self.runs and self.runs[0][1].device.type == "cpu":
-                self._byte_dtype = self.runs[0][1].dtype
-                runs += [(first, rows.data_ptr(), rows.numel() * rows.element_size()) for first, rows in self.runs]
+        runs = self._address_runs if self._address_runs is not None else self._make_address_runs()
         if dtype is not self._byte_dtype:
             return False
         cs = self.cs
@@ -124,12 +133,28 @@ class RowSink:
             first, address, size = runs[self.run_id]
             offset = (cs.num_entries - first) * row_bytes
             take = min(n - done, (size - offset) // row_bytes)
-            out.append((block, done * row_bytes, take * row_bytes, address + offset))
+            out.append((block, block_id, done * row_bytes, take * row_bytes, address + offset))
             cs.num_entries += take
             done += take
             if offset + take * row_bytes == size:
                 self.run_id += 1
         return True
+
+    def _make_address_runs(self) -> list[tuple[int, int, int]]:
+        """The destination runs' addresses (once per load; none unless it is CPU memory)."""
+        runs = self._address_runs = []
+        if self.runs and self.runs[0][1].device.type == "cpu":
+            self._byte_dtype = self.runs[0][1].dtype
+            runs += [(first, rows.data_ptr(), rows.numel() * rows.element_size()) for first, rows in self.runs]
+        return runs
+
+    def plan_blocks(self, blocks: list, out: list) -> None:
+        """Every block of this load, in order: each `ByteRows` block that `plan_bytes` can
+        hand over goes to `out` (as there), every other block is appended now (`append`:
+        converted / moved by its copy)."""
+        for j, block in enumerate(blocks):
+            if type(block) is not tuple or not self.plan_bytes(block, j, out):
+                self.append(block)
 
     def append_tensor(self, block: torch.Tensor) -> None:
         cs, done, n = self.cs, 0, block.shape[0]
@@ -157,3 +182,230 @@ def load_window(layer: LayerState, window: torch.Tensor, num_tokens: int) -> Non
     if keep > head:
         layer.ring[:keep - head] = window[S - keep + head:]
     layer.num_tokens = num_tokens
+
+
+class ByteCopies:
+    """The byte copies ``SequenceState.load(copy_blocks=...)`` hands over, all in ONE call: copy
+    i moves ``counts[i]`` bytes from byte ``offsets[i]`` of ``blocks[block_index[i]]`` (a
+    `ByteRows`) to the address ``dests[i]``; ``block_ids[i]`` is the j of that block (block j
+    of every entries tensor: in the KV cache, run record j). Arrays: int64, one entry per copy
+    (a block straddling two runs of scattered pages is two copies). `layout`: what identifies
+    everything but `dests` (a `LoadPlan`: its loads hand over the same blocks, offsets and
+    counts, so a caller may keep what it derives from them), or None."""
+
+    __slots__ = ("blocks", "block_index", "block_ids", "offsets", "counts", "dests", "layout")
+
+    def __init__(self, blocks: list, block_index: np.ndarray, block_ids: np.ndarray, offsets: np.ndarray,
+                 counts: np.ndarray, dests: np.ndarray, layout: object | None = None):
+        self.blocks, self.block_index, self.block_ids = blocks, block_index, block_ids
+        self.offsets, self.counts, self.dests, self.layout = offsets, counts, dests, layout
+
+    @classmethod
+    def of(cls, copies: list[tuple]) -> ByteCopies:
+        """From `RowSink.plan_bytes` tuples ``(block, block_id, offset, count, dest)``."""
+        blocks: list = []
+        index_of: dict[int, int] = {}
+        rows = []
+        for block, block_id, offset, count, dest in copies:
+            k = index_of.setdefault(id(block), len(blocks))
+            if k == len(blocks):
+                blocks.append(block)
+            rows.append((k, block_id, offset, count, dest))
+        table = np.array(rows, dtype=np.int64).reshape(-1, 5)
+        return cls(blocks, table[:, 0], table[:, 1], table[:, 2], table[:, 3], table[:, 4])
+
+    def __len__(self) -> int:
+        return len(self.dests)
+
+    def items(self):
+        """``(block, block_id, offset, count, dest)`` per copy."""
+        for k, j, offset, count, dest in zip(self.block_index.tolist(), self.block_ids.tolist(),
+                                             self.offsets.tolist(), self.counts.tolist(), self.dests.tolist()):
+            yield self.blocks[k], j, offset, count, dest
+
+
+def checked_load(state: SequenceState, tensors: dict) -> tuple[int, list]:
+    """`SequenceState.load`'s checks of `tensors` (nothing changes): (num_tokens, [(layer id,
+    "comp" | "index", compressor, its `checked_parts`)]); KeyError / ValueError / TypeError."""
+    if "num_tokens" not in tensors:
+        raise KeyError("state tensor 'num_tokens' missing")
+    cfg = state.config
+    n = int(tensors["num_tokens"])
+    w = min(n, cfg.sliding_window - 1)
+    for i in range(len(state.layers)):
+        win = tensors.get(f"{i}.window")
+        if win is None:
+            raise KeyError(f"state tensor '{i}.window' missing")
+        if tuple(win.shape) != (w, cfg.head_dim):
+            raise ValueError(f"state tensor '{i}.window' has shape {tuple(win.shape)}, expected {(w, cfg.head_dim)}")
+    comps = [(i, name, cs, cs.checked_parts(f"{i}.{name}", tensors, n)) for i, layer in enumerate(state.layers)
+             for name, cs in (("comp", layer.comp), ("index", layer.index)) if cs is not None]
+    return n, comps
+
+
+def load_state(state: SequenceState, tensors: dict, before_block=None, copy_blocks=None,
+               plan: LoadPlan | None = None) -> None:
+    """`SequenceState.load` (see there); `plan`: a `LoadPlan` of `tensors` (its checks are not
+    repeated; ValueError if it was made for another state structure)."""
+    if before_block is not None and copy_blocks is not None:
+        raise ValueError("load() takes before_block or copy_blocks, not both")
+    if plan is None:
+        n, comps = checked_load(state, tensors)
+    elif not plan.fits(state):
+        raise ValueError("load plan made for another state structure")
+    else:
+        n, comps = plan.num_tokens, [(i, name, getattr(state.layers[i], name), parts) for i, name, parts in plan.comps]
+    if any(cs.num_entries for _, _, cs, _ in comps):
+        raise ValueError("load() needs a fresh state")
+    if plan is None or not plan.copy_fixed(state, comps):   # (the plan: one C call of byte copies)
+        for i, layer in enumerate(state.layers):
+            load_window(layer, tensors[f"{i}.window"], n)
+        for _, _, cs, parts in comps:
+            cs.set_fixed(parts)
+    for _, _, cs, _ in comps:
+        cs.reserve_entries(n // cs.rate)
+    # every compressor reserved first: a page growth re-allocates the pages of its whole rate
+    runs_of: dict[int, list] = {}   # id(page list) -> its runs (shared by a rate's compressors)
+    page_runs = []                  # each compressor's `page_runs` (None: a growth buffer)
+    for _, _, cs, _ in comps:
+        runs = None
+        if cs._paged is not None:
+            runs = runs_of.get(id(cs._paged[2]))
+            if runs is None:
+                runs = runs_of[id(cs._paged[2])] = cs.page_runs(0, n // cs.rate)
+        page_runs.append(runs)
+    if copy_blocks is not None:   # (no per-block hook: one plan, one hand-over)
+        copies = None if plan is None else plan.byte_copies(comps, page_runs)
+        if copies is None:   # block by block (scattered pages, tensor blocks, no plan)
+            planned: list[tuple] = []
+            for (_, _, cs, parts), runs in zip(comps, page_runs):
+                RowSink(cs, n // cs.rate, cs.entry_rows(0, n // cs.rate, runs)).plan_blocks(parts["entries"], planned)
+            copies = ByteCopies.of(planned)
+        copy_blocks(copies)
+        state.num_tokens = n
+        return
+    sinks = [(RowSink(cs, n // cs.rate, cs.entry_rows(0, n // cs.rate, runs)), parts["entries"])
+             for (_, _, cs, parts), runs in zip(comps, page_runs)]
+    for j in range(max((len(blocks) for _, blocks in sinks), default=0)):
+        if before_block is not None:
+            before_block(j)
+        for sink, blocks in sinks:
+            if j < len(blocks):
+                sink.append(blocks[j])
+    state.num_tokens = n
+
+
+class LoadPlan:
+    """`SequenceState.load`'s checks and copy plan of one tensors dict (``SequenceState.plan_load``),
+    kept to load the same dict again into fresh states of the same structure (config, dtype,
+    device: `fits`) without checking it again: what a KV cache restore plan loads per replay.
+
+    Where every entries block is `ByteRows` of the state's dtype (or a contiguous CPU tensor of
+    it: handed over too, as a byte view kept by the plan), the handed-over copies are planned
+    once as arrays (each block: one copy, at a byte offset from its compressor's first
+    entry), and a load whose compressors' entries are one run each (the usual case: one growth
+    buffer, or consecutive pages) only adds each run's address (`byte_copies`). Where the fixed
+    parts (windows, tails, overlaps) are contiguous CPU tensors of the state's dtype and the byte
+    kernels are built, they are byte copies in one C call (`copy_fixed`). Holds the tensors it
+    copies from (they stay alive with it)."""
+
+    def __init__(self, state: SequenceState, tensors: dict):
+        n, comps = checked_load(state, tensors)
+        self.config, self.dtype, self.device = state.config, state.dtype, str(state.device)
+        self.num_tokens = n
+        self.comps = [(i, name, parts) for i, name, _, parts in comps]   # [(layer id, "comp" | "index", parts)]
+        self.windows = [tensors[f"{i}.window"] for i in range(len(state.layers))]
+        # the entries copies: block, its compressor k, its j, byte count, byte offset from the run's start
+        table, blocks = [], []
+        for k, (_, _, cs, parts) in enumerate(comps):
+            row_bytes, row = cs.dim * state.dtype.itemsize, 0
+            for j, block in enumerate(parts["entries"]):
+                if type(block) is not tuple:   # a tensor block (e.g. the last rows, from a checkpoint)
+                    block = _as_byte_rows(block, state.dtype)
+                if block is None or block[1] is not state.dtype:
+                    table = blocks = None
+                    break
+                table.append((len(blocks), k, j, block[0].nbytes, row * row_bytes))
+                blocks.append(block)
+                row += block[2][0]
+            if blocks is None:
+                break
+        self.blocks = blocks   # None: some block is not a plain byte copy (planned block by block)
+        table = np.array(table or [], dtype=np.int64).reshape(-1, 5)
+        self.block_index, self.comp_of, self.block_ids = table[:, 0], table[:, 1], table[:, 2]
+        self.counts, self.offsets_in_run, self.offsets = table[:, 3], table[:, 4], np.zeros(len(table), np.int64)
+        self.fixed = self._plan_fixed(state, comps, n)
+
+    def fits(self, state: SequenceState) -> bool:
+        """Whether `state` has the structure this plan was made for."""
+        return state.config is self.config and state.dtype is self.dtype and str(state.device) == self.device
+
+    def _plan_fixed(self, state: SequenceState, comps: list, n: int) -> tuple | None:
+        """The fixed parts as byte copies (`load_window` and `set_fixed` as bytes): ([(kind,
+        layer id or compressor k)] of each destination tensor, [copies, 3] int64 of (source
+        address, byte count, byte offset in its destination), each copy's destination index),
+        or None if a source is not a contiguous CPU tensor of the state's dtype."""
+        sources = [*self.windows, *(t for _, _, _, parts in comps for name, t in parts.items() if name != "entries")]
+        if any(t.device.type != "cpu" or t.dtype is not state.dtype or not t.is_contiguous() for t in sources):
+            return None
+        size = state.dtype.itemsize
+        dests, copies = [], []
+        for i, (layer, window) in enumerate(zip(state.layers, self.windows)):
+            W, S, row = layer.ring.shape[0], window.shape[0], window.shape[1] * size
+            keep = min(S, W)
+            start = (n - keep) % W                 # (as `load_window`)
+            head = min(keep, W - start)
+            src = window.data_ptr()
+            copies += [(src + (S - keep) * row, head * row, start * row, len(dests)),
+                       (src + (S - keep + head) * row, (keep - head) * row, 0, len(dests))]
+            dests.append(("ring", i))
+        for k, (_, _, cs, parts) in enumerate(comps):
+            names = ["tail_kv", "tail_gate"] + (["overlap_kv", "overlap_gate"] if cs.is_overlapping
+                                                and parts["overlap_kv"].shape[0] else [])
+            for name in names:
+                copies.append((parts[name].data_ptr(), parts[name].numel() * size, 0, len(dests)))
+                dests.append(("_" + name, k))
+        table = np.array([c for c in copies if c[1]] or [], dtype=np.int64).reshape(-1, 4)
+        return dests, np.ascontiguousarray(table[:, :3]), table[:, 3]
+
+    def copy_fixed(self, state: SequenceState, comps: list) -> bool:
+        """`load_window` of every layer and `set_fixed` of every compressor as ONE call of byte
+        copies; False (nothing done) where the plan or the state does not allow it."""
+        if self.fixed is None or not self.device.startswith("cpu") or not has_byte_kernels():
+            return False
+        dests, table, dest_of = self.fixed
+        bases = []
+        for kind, at in dests:   # (the same shapes: the state `fits`)
+            dest = state.layers[at].ring if kind == "ring" else getattr(comps[at][2], kind)
+            if not dest.is_contiguous():
+                return False
+            bases.append(dest.data_ptr())
+        segments = table.copy()
+        segments[:, 2] += np.array(bases, dtype=np.int64)[dest_of]
+        copy_segments(segments)
+        for layer in state.layers:
+            layer.num_tokens = self.num_tokens
+        for _, _, cs, parts in comps:
+            cs.num_tail = parts["tail_kv"].shape[0]
+        return True
+
+    def byte_copies(self, comps: list, page_runs: list) -> ByteCopies | None:
+        """The handed-over copies of a load whose compressors' entries (their `page_runs`, None
+        for a growth buffer) are one CPU run each (or none); None otherwise. Counts the entries
+        as appended."""
+        if self.blocks is None or not self.device.startswith("cpu"):
+            return None
+        bases = []
+        for (_, _, cs, _), runs in zip(comps, page_runs):
+            if runs is None:   # (the growth buffer: one run)
+                bases.append(cs._entries.data_ptr())
+            elif len(runs) > 1:
+                return None
+            else:              # (the run's first row in the page store; no run: no rows)
+                pool, key, _ = cs._paged
+                store = pool.pages[key]
+                bases.append(store.data_ptr() + runs[0][2] * cs.dim * store.element_size() if runs else 0)
+        for _, _, cs, _ in comps:
+            cs.num_entries = self.num_tokens // cs.rate
+        dests = np.array(bases, dtype=np.int64)[self.comp_of] + self.offsets_in_run
+        return ByteCopies(self.blocks, self.block_index, self.block_ids, self.offsets, self.counts, dests, self)

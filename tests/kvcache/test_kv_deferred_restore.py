@@ -13,6 +13,7 @@ from kvcache.keys import chain_hashes, span_key, token_array
 from kvcache import restore
 from kvcache.restore import DeferredState
 from kvcache.resume import import_state, prefill, prompt_checkpoints, resume
+from model_shards.state_load import ByteCopies
 
 NUM_PROMPT_TOKENS = 603
 TOLERANCE = 1e-5
@@ -61,8 +62,9 @@ def test_a_deferred_restore_is_the_exported_state_bitwise(tier, tiny_model, orig
 
 @pytest.fixture(params=["fused", "numpy"])
 def protocol(request, monkeypatch):
-    """How `DeferredState.load_into` verifies: in the pass that copies (``copy_block``, the byte
-    kernels) or with a checksum pass before the copies (``before_block``, without a compiler)."""
+    """How `DeferredState.load_into` verifies: in the pass that copies (``copy_blocks``, the byte
+    kernels: every run's copies in one call) or with a checksum pass before each block's copies
+    (``before_block``, without a compiler)."""
     if request.param == "numpy":
         monkeypatch.setattr(restore, "_fused_enabled", lambda: False)
     else:
@@ -88,11 +90,13 @@ def test_a_span_corrupt_mid_restore_drops_the_state_and_resume_recomputes(tier, 
         if protocol == "numpy":
             load = hit.deferred._before_block
             hit.deferred._before_block = lambda run_id: (copied.append(run_id), load(run_id))
-        else:
-            load = hit.deferred._copy_block
-            hit.deferred._copy_block = lambda run_id, copies: (copied.append(run_id), load(run_id, copies))
+        else:   # (one hand-over: the runs whose byte copies it holds)
+            load = hit.deferred._copy_blocks
+            hit.deferred._copy_blocks = lambda copies: (
+                copied.append(sorted({j for j in copies.block_ids.tolist() if j < 2})), load(copies))
         assert import_state(tiny_model, hit) is None   # the partly loaded state is dropped ...
-        assert copied == [0, 1]                        # ... after run 0's rows were copied into it
+        assert copied == ([0, 1] if protocol == "numpy" else [[0, 1]])   # ... after run 0's rows were copied
+        assert [run.pending is None for run in hit.deferred.runs] == [True, False]   # run 0 verified, run 1 not
         assert pool.num_free_slots == num_free_slots    # ... and its slot is back in the pool
         svc.flush()
         assert svc.stats().tiers[tier].num_corrupt == 1
@@ -111,18 +115,18 @@ class _Run:
 
 
 class _Loader:
-    """An engine state that calls ``before_block`` (or ``copy_block``, with no byte copies) for
-    the blocks it copies."""
+    """An engine state that calls ``before_block`` for the blocks it copies (or ``copy_blocks``
+    once first, with no byte copies)."""
 
     def __init__(self, block_ids):
         self.block_ids, self.loaded = block_ids, []
 
-    def load(self, tensors, *, before_block=None, copy_block=None):
+    def load(self, tensors, *, before_block=None, copy_blocks=None):
+        if copy_blocks is not None:
+            copy_blocks(ByteCopies.of([]))
         for j in self.block_ids:
             if before_block is not None:
                 before_block(j)
-            if copy_block is not None:
-                copy_block(j, [])
             self.loaded.append(j)
 
 
@@ -137,9 +141,11 @@ def test_every_run_is_settled_once_in_order_before_its_block(block_ids, protocol
 
 
 def test_a_run_failing_its_settle_stops_the_load_before_its_block(protocol):
+    """(Fused: the runs are settled in the one hand-over, before the load copies any block, so
+    it copies none.)"""
     settled = []
     deferred = DeferredState({}, [_Run("s0"), _Run("s1"), _Run("s2")],
                              lambda hit: settled.append(hit.record.key) or hit.record.key != "s1")
     loader = _Loader([0, 1, 2, 3])
     assert not deferred.load_into(loader)
-    assert loader.loaded == [0] and settled == ["s0", "s1"]
+    assert loader.loaded == ([0] if protocol == "numpy" else []) and settled == ["s0", "s1"]

@@ -118,6 +118,47 @@ def test_bad_ranges_write_nothing(bad):
     assert not out.any()
 
 
+@pytest.mark.parametrize("as_arrays", [False, True])
+def test_many_records_in_one_call_give_each_record_its_own_sums(as_arrays):
+    """`colsum64_copy_many`: each record's sums are `colsum64_copy`'s, one after another; each
+    record's ranges are copied exactly (lists or int64 arrays in)."""
+    rnd = random.Random(7)
+    records, segments, expected, outs = [], [], [], []
+    for i, num_words in enumerate([1, 513, 1030, 9, 512 * 513 + 5, 0]):
+        region = region_at(8 * num_words, i % 3 * 8, seed=i)
+        width = checksum.col_words(num_words)
+        ranges = random_ranges(region.nbytes, rnd, 3)
+        sums, _ = fused(region, ranges, rnd)
+        expected.append(np.frombuffer(sums, dtype=np.uint64))
+        record_segments = []
+        for a, b in ranges:
+            out = np.zeros(b - a + 16, dtype=np.uint8)
+            record_segments += [address(region) + a, b - a, address(out) + 8]
+            outs.append((out, region, a, b))
+        records += [address(region), num_words, width, len(ranges)]
+        segments += record_segments
+    if as_arrays:
+        records, segments = np.array(records, dtype=np.int64), np.array(segments, dtype=np.int64)
+    sums = byte_kernels.colsum64_copy_many(records, segments)
+    assert sums is not None and sums.dtype == np.uint64
+    assert np.array_equal(sums, np.concatenate(expected))
+    for out, region, a, b in outs:
+        assert np.array_equal(out[8:8 + b - a], region[a:b]) and not out[:8].any() and not out[8 + b - a:].any()
+
+
+def test_one_record_with_bad_ranges_writes_nothing_of_any_record():
+    good = region_at(8 * 600, 0, seed=1)
+    bad = region_at(8 * 600, 0, seed=2)
+    out = np.zeros(8 * 1200, dtype=np.uint8)
+    width = checksum.col_words(600)
+    records = [address(good), 600, width, 1, address(bad), 600, width, 1]
+    segments = [address(good), 8 * 600, address(out), address(bad) + 8, 8 * 600, address(out) + 8 * 600]
+    assert byte_kernels.colsum64_copy_many(records, segments) is None   # (the second one's ends past its region)
+    assert not out.any()
+    assert byte_kernels.colsum64_copy_many([address(good), 600, 0, 0], []) is None   # (a width of 0)
+    assert byte_kernels.colsum64_copy_many([address(good), 600, width, 2], [address(good), 8, address(out)]) is None
+
+
 def test_a_record_verifies_from_column_sums():
     record = Record("span", "k", {"a": torch.arange(3000, dtype=torch.float32).view(-1, 10),
                                   "b": torch.ones(7, 3, dtype=torch.float16)})
@@ -139,14 +180,16 @@ def test_a_record_verifies_from_column_sums():
 
 
 class Counting:
-    """Counts calls of a module function (and passes them on)."""
+    """Counts calls of a module function (and passes them on), keeping their arguments."""
 
     def __init__(self, monkeypatch, module, name: str):
         self.calls = 0
+        self.args: list[tuple] = []
         original = getattr(module, name)
 
         def counted(*args, **kwargs):
             self.calls += 1
+            self.args.append(args)
             return original(*args, **kwargs)
         monkeypatch.setattr(module, name, counted)
 
@@ -162,10 +205,11 @@ def test_the_fused_load_reads_each_run_record_once_and_is_bitwise(tier, max_toke
         p = pool()
         holders = scattered(p) if pages == "scattered" else []
         state = p.new_state()
-        fused_calls = Counting(monkeypatch, byte_kernels, "colsum64_copy")
+        fused_calls = Counting(monkeypatch, byte_kernels, "colsum64_copy_many")
         numpy_passes = Counting(monkeypatch, checksum, "_colsum64")
         assert hit.load_into(state)
-        assert fused_calls.calls == hit.deferred.num_runs and numpy_passes.calls == 0
+        assert fused_calls.calls == 1 and numpy_passes.calls == 0   # every run in one kernel call
+        assert len(fused_calls.args[0][0]) == 4 * hit.deferred.num_runs
         assert all(h.pending is None for h in hit.deferred.runs)   # verified (and promoted)
         assert is_one_run(state.page_ids[4]) == (pages == "one_run")
         assert bitwise_equal(state.export(), synthetic_state(LAY, TOKENS, position))
@@ -179,7 +223,7 @@ def test_a_verified_run_record_is_copied_without_a_second_check(tmp_path, monkey
         hit = svc.lookup(TOKENS, is_deferred=True)
         for run in hit.deferred.runs:
             assert svc.stack.settle(run)
-        fused_calls = Counting(monkeypatch, byte_kernels, "colsum64_copy")
+        fused_calls = Counting(monkeypatch, byte_kernels, "colsum64_copy_many")
         state = pool().new_state()
         assert hit.load_into(state)
         assert fused_calls.calls == 0
@@ -210,10 +254,12 @@ def test_a_corrupt_record_is_caught_by_the_fused_pass_and_deleted(where, max_tok
     with svc:
         hit = svc.lookup(TOKENS, max_tokens=max_tokens, is_deferred=True)
         assert hit.num_cached_tokens == position
-        fused_calls = Counting(monkeypatch, byte_kernels, "colsum64_copy")
+        fused_calls = Counting(monkeypatch, byte_kernels, "colsum64_copy_many")
         p = pool()
         assert not hit.load_into(p.new_state())   # a miss, never a wrong state
-        assert fused_calls.calls == 3              # runs 0 and 1 intact, run 2 caught
+        assert fused_calls.calls == 1              # every run copied and summed in one call, then:
+        assert [run.pending is None for run in hit.deferred.runs] == [True, True] + [False] * (
+            hit.deferred.num_runs - 2)             # runs 0 and 1 intact, run 2 caught, the rest unsettled
         svc.flush()
         assert svc.stats().tiers["disk"].num_corrupt == 1
         assert svc.stack.tiers[1].contains_many([key]) == [False]

@@ -1,7 +1,9 @@
 """SequenceState.load with "*.entries" given as lists of row blocks (the KV cache's deferred
 restore): the same state as the single-tensor form, pooled (pages, consecutive or scattered) and
 standalone; blocks go in block order with `before_block` right before each; every shape is
-checked before anything changes; an exception from `before_block` propagates."""
+checked before anything changes; an exception from `before_block` propagates. `copy_blocks`
+hands the byte copies over in one call; a load plan (`plan_load`) loads the same state again
+without its checks."""
 
 from __future__ import annotations
 
@@ -158,15 +160,23 @@ def as_byte_blocks(blocks: dict, every: int = 1) -> dict:
                    else b for i, b in enumerate(v)] if isinstance(v, list) else v for name, v in blocks.items()}
 
 
-@pytest.mark.parametrize("every", [1, 2])
-@pytest.mark.parametrize("pages", ["one_run", "scattered", "standalone"])
-def test_copy_block_hands_over_the_byte_copies_of_each_block(model, exported, every, pages):
-    """With `copy_block`, the byte blocks j are not copied by the load but handed over (source
-    offsets, sizes, destination addresses); the caller's copies make the same state. Tensor blocks
-    are still copied by the load, after `copy_block(j)`."""
+def copy_by_hand(copies) -> None:
+    """Make the copies of a `ByteCopies` (what a `copy_blocks` caller does)."""
     import numpy as np
     from model_shards import byte_kernels
 
+    for block, _, offset, count, dest in copies.items():
+        assert type(block) is tuple and 0 <= offset and offset + count <= block[0].nbytes
+        src = block[0].__array_interface__["data"][0] + offset
+        if byte_kernels.is_available():
+            byte_kernels.copy_segments([src, count, dest])
+        else:   # (no compiler: numpy views of the two addresses)
+            np.ctypeslib.as_array((np.ctypeslib.ctypes.c_uint8 * count).from_address(dest))[:] = \
+                block[0][offset:offset + count]
+
+
+def holding_pages(model, pages: str) -> list:
+    """States holding pages of a 64-page pool so that the next one's pages are one run or scattered."""
     pooled(model, num_pages=64)
     holders = [model.new_state() for _ in range(4)]
     if pages == "scattered":
@@ -176,36 +186,96 @@ def test_copy_block_hands_over_the_byte_copies_of_each_block(model, exported, ev
                 state.layers[1].comp.append_entries(torch.zeros(4, dim))
         del holders[::2]
         gc.collect()
+    return holders
+
+
+@pytest.mark.parametrize("every", [1, 2])
+@pytest.mark.parametrize("pages", ["one_run", "scattered", "standalone"])
+def test_copy_blocks_hands_over_the_byte_copies_of_every_block_at_once(model, exported, every, pages):
+    """With `copy_blocks`, the byte blocks are not copied by the load but handed over in ONE
+    call (block, its j, source offset, size, destination address per copy); the caller's copies
+    make the same state. Tensor blocks are copied by the load, before the hand-over."""
+    holders = holding_pages(model, pages)
     state = SequenceState.new(model.config) if pages == "standalone" else model.new_state()
     blocks = as_byte_blocks(as_blocks(exported, [0.2, 0.6]), every)
     seen = []
 
-    def copy_block(block_id, copies):
-        seen.append((block_id, len(copies)))
-        for block, offset, count, dest in copies:
-            assert type(block) is tuple and 0 <= offset and offset + count <= block[0].nbytes
-            src = block[0].__array_interface__["data"][0] + offset
-            if byte_kernels.is_available():
-                byte_kernels.copy_segments([src, count, dest])
-            else:   # (no compiler: numpy views of the two addresses)
-                np.ctypeslib.as_array((np.ctypeslib.ctypes.c_uint8 * count).from_address(dest))[:] = \
-                    block[0][offset:offset + count]
+    def copy_blocks(copies):
+        seen.append(copies)
+        copy_by_hand(copies)
 
-    state.load(blocks, copy_block=copy_block)
-    assert [j for j, _ in seen] == [0, 1, 2]
+    state.load(blocks, copy_blocks=copy_blocks)
+    assert len(seen) == 1
+    copies = seen[0]
     num_entries_tensors = sum(name.endswith(".entries") for name in exported)
-    expected = 0 if every == 2 else num_entries_tensors   # (block 1 is a tensor block when every == 2)
-    assert seen[1][1] == expected if pages != "scattered" else seen[1][1] >= expected   # (2 copies: straddles runs)
+    per_block = [int((copies.block_ids == j).sum()) for j in range(3)]
+    expected = [num_entries_tensors, 0 if every == 2 else num_entries_tensors, num_entries_tensors]
+    assert per_block == expected if pages != "scattered" else all(a >= b for a, b in zip(per_block, expected))
+    assert copies.layout is None   # (planned block by block: no load plan)
     assert_same_state(state, exported)
     del holders
 
 
-def test_an_exception_from_copy_block_propagates(model, exported):
+def test_an_exception_from_copy_blocks_propagates(model, exported):
     pooled(model)
     state = model.new_state()
 
-    def fail(block_id, copies):
+    def fail(copies):
         raise RuntimeError("corrupt source")
 
     with pytest.raises(RuntimeError, match="corrupt source"):
-        state.load(as_byte_blocks(as_blocks(exported, [0.5])), copy_block=fail)
+        state.load(as_byte_blocks(as_blocks(exported, [0.5])), copy_blocks=fail)
+    with pytest.raises(ValueError):   # (one hook or the other)
+        model.new_state().load(exported, before_block=lambda j: None, copy_blocks=fail)
+
+
+@pytest.mark.parametrize("pages", ["one_run", "scattered", "standalone"])
+@pytest.mark.parametrize("kind", ["bytes", "tensors"])
+def test_a_load_plan_loads_the_same_state_again_and_again(model, exported, pages, kind):
+    """`plan_load` checks once; loads with the plan into fresh states of the same structure give
+    the same state as without one. With every block a byte block or a contiguous CPU tensor of
+    the state's dtype, the plan hands every block over (tensor blocks as byte views), and into
+    one run of pages each load's copies are the plan's (`layout` is the plan) with only the
+    destinations new; scattered pages are planned block by block (`layout` None)."""
+    holders = holding_pages(model, pages)
+    blocks = as_blocks(exported, [0.2, 0.6])
+    if kind == "bytes":
+        blocks = as_byte_blocks(blocks)
+    new = (lambda: SequenceState.new(model.config)) if pages == "standalone" else model.new_state
+    plan = new().plan_load(blocks)
+    num_entries_tensors = sum(name.endswith(".entries") for name in exported)
+    assert plan.blocks is not None and len(plan.blocks) == 3 * num_entries_tensors
+    assert plan.fixed is not None   # (windows, tails, overlaps: one C call of byte copies)
+    states, seen = [], []
+    for _ in range(2):
+        state = new()
+
+        def copy_blocks(copies):
+            seen.append(copies)
+            copy_by_hand(copies)
+        state.load(blocks, copy_blocks=copy_blocks, plan=plan)
+        assert_same_state(state, exported)
+        states.append(state)
+    one_run = [all(b == a + 1 for ids in st.page_ids.values() for a, b in zip(ids, ids[1:])) for st in states]
+    assert one_run[0] == (pages != "scattered")
+    assert [c.layout is plan for c in seen] == one_run
+    if all(one_run):
+        assert seen[0].blocks is seen[1].blocks and list(seen[0].counts) == list(seen[1].counts)
+        assert not set(seen[0].dests.tolist()) & set(seen[1].dests.tolist())   # (two states, two places)
+    plain = new()
+    plain.load(blocks, plan=plan)   # (without a hook: copied by the load)
+    assert_same_state(plain, exported)
+    del holders
+
+
+def test_a_load_plan_refuses_another_structure(model, exported):
+    pooled(model)
+    blocks = as_byte_blocks(as_blocks(exported, [0.5]))
+    plan = model.new_state().plan_load(blocks)
+    other = SequenceState.new(model.config, dtype=torch.float64)
+    assert plan.fits(model.new_state()) and not plan.fits(other)
+    with pytest.raises(ValueError):
+        other.load(blocks, plan=plan)
+    assert other.num_tokens == 0 and all(layer.num_tokens == 0 for layer in other.layers)
+    with pytest.raises(ValueError):   # (a plan checks as `load` does)
+        model.new_state().plan_load({**blocks, "3.index.tail_kv": blocks["3.index.tail_kv"][:1]})
