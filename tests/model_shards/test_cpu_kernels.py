@@ -105,12 +105,14 @@ def experts_reference(x, ids, weights, w13, w2t, limit):
     return y
 
 
-@pytest.mark.parametrize("num_tokens,limit", [(1, 0.0), (5, 0.5), (8, 7.0), (70, 0.5)])
-def test_routed_experts_matches_the_per_pair_math(num_tokens, limit):
+@pytest.mark.parametrize("num_tokens,limit,inter", [(1, 0.0, 48), (5, 0.5, 48), (8, 7.0, 48), (70, 0.5, 48),
+                                                    (8, 7.0, 18), (3, 0.5, 44), (4, 0.0, 12)])
+def test_routed_experts_matches_the_per_pair_math(num_tokens, limit, inter):
     """Pairs grouped by expert (70 tokens on 6 experts: chunks of 64 rows), clamps on and off,
-    pairs of experts a bank does not hold (-1) skipped."""
+    pairs of experts a bank does not hold (-1) skipped; intermediate sizes the threads split
+    unevenly (18: not a multiple of 4, 44) or not at all (12: too few units for two threads)."""
     gen = torch.Generator().manual_seed(num_tokens)
-    E, D, I, k = 6, 64, 48, 3
+    E, D, I, k = 6, 64, inter, 3
     x = torch.randn(num_tokens, D, generator=gen)
     w13, w2t = torch.randn(E, 2 * I, D, generator=gen) / 8, torch.randn(E, I, D, generator=gen) / 7
     ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(num_tokens)])
