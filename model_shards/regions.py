@@ -26,8 +26,10 @@ next call's outputs ahead and leaves them in the step's `StepBatch.ahead`, keyed
 are, the layer and the residual h they came from; the next call takes them only when its
 (layer, h) match, and computes its own region otherwise.
 
-Owns: the compiled function of each region (one set per DenseModel). Only decode-only steps whose
-states share the model's StatePool take this path (`can_run`); prefill keeps the eager modules.
+Owns: the compiled function of each region (one set per DenseModel) and each layer's region
+arguments read from its modules (`LayerArgs`, checked against the modules once per step). Only
+decode-only steps whose states share the model's StatePool take this path (`can_run`); prefill
+keeps the eager modules.
 If compiling fails (no compiler, an unsupported op) the region says so once and runs eagerly.
 """
 
@@ -140,15 +142,25 @@ class LayerArgs:
     """One layer's region arguments that stay the same from step to step (its modules, weights and
     constants), read from its modules once: rebuilt every step they cost ~400 nn.Module attribute
     lookups (~0.5 us each). The fused projections (FusedLinear) are still asked each call, since
-    their own cache tracks their weights. `is_current()`: every tensor held here is still the one
-    its module holds (a new Parameter assigned to a module makes the cache stale; `.to()` and
-    in-place loads keep the Parameter objects, so they do not)."""
+    their own cache tracks their weights. `is_current()`: every module and tensor held here is
+    still the one its parent holds (a new Parameter or submodule assigned makes the cache stale;
+    `.to()` and in-place loads keep the Parameter objects, so they do not)."""
 
     def __init__(self, dense, layer_id: int):
-        cfg, block = dense.cfg, dense.layers[layer_id]
-        attn, ffn = block.attn, block.ffn
-        self._held: list[tuple[dict, str, torch.Tensor]] = []   # (module's tensor dict, name, tensor)
-        t = self._tensor
+        cfg = dense.cfg
+        # (a module's parameter / buffer / submodule dict, name, what it held): `is_current`
+        self._held: list[tuple[dict, str, object]] = []
+        t, sub = self._tensor, self._module
+        block = sub(dense.layers, str(layer_id))
+        attn, ffn = sub(block, "attn"), sub(block, "ffn")
+        for name in ("attn_norm", "ffn_norm"):
+            sub(block, name)
+        for name in ("q_norm", "wq_b", "norm", "wo_a", "wo_b", "indexer"):
+            sub(attn, name)
+        if attn.indexer is not None:
+            sub(attn.indexer, "wq_b")
+        for parent, name in ((ffn, "gate"), (ffn, "shared_experts"), (ffn.shared_experts, "w2")):
+            sub(parent, name)
         self.attn, self.indexer, self.gate = attn, attn.indexer, ffn.gate
         self.kind = (cfg.layer_types[layer_id], ffn.gate.is_hash)    # attn_out_moe_in's layer kind
         self.layer_type, self.rope_name = cfg.layer_types[layer_id], attn.rope_name
@@ -173,6 +185,11 @@ class LayerArgs:
         owner = module._parameters if name in module._parameters else module._buffers
         self._held.append((owner, name, owner[name]))
         return owner[name]
+
+    def _module(self, module, name: str):
+        """module.<name> (a submodule, or None), remembered for `is_current`."""
+        self._held.append((module._modules, name, module._modules.get(name)))
+        return module._modules.get(name)
 
     def is_current(self) -> bool:
         return all(owner.get(name) is tensor for owner, name, tensor in self._held)

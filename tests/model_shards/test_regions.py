@@ -192,7 +192,8 @@ def test_outputs_handed_ahead_are_used_only_for_their_own_layer_and_h(model):
 def test_layer_args_are_read_once_and_follow_a_replaced_weight(model):
     """The regions read each layer's weights from its modules once and reuse them while every one
     is still the module's own; a new Parameter assigned to a module is used from the next step on
-    (the decode then equals the eager modules with that weight), and the original comes back."""
+    (the decode then equals the eager modules with that weight), and the original comes back; so
+    is a replaced submodule."""
     cfg = model.config
     model.dense.state_pool = StatePool(cfg, model.dense.dtype, model.dense.device, page_size=2)
     prompts = [random_ids(n, cfg.vocab_size, seed=n) for n in (5, 9)]
@@ -225,6 +226,16 @@ def test_layer_args_are_read_once_and_follow_a_replaced_weight(model):
         wo_b.weight = original
     assert rel_err(decode(True), decode(False)) <= 1e-5
     assert regions._layer_args[1].attn_out[2] is original
+    attn = model.dense.layers[2].attn                  # a whole submodule replaced
+    before, module = regions._layer_args[2], attn.wo_b
+    try:
+        attn.wo_b = torch.nn.Linear(module.in_features, module.out_features, bias=False)
+        attn.wo_b.weight.data.copy_(module.weight.detach() * 3)
+        got, want = decode(True), decode(False)
+        assert rel_err(got, want) <= 1e-5
+        assert regions._layer_args[2] is not before and regions._layer_args[2].attn_out[2] is attn.wo_b.weight
+    finally:
+        attn.wo_b = module
 
 
 def _needs_the_host(x: torch.Tensor) -> torch.Tensor:
