@@ -212,7 +212,8 @@ def cmd_chat(args) -> int:
             continue
         history.append({"role": "user", "content": text})
         payload = {"model": args.model, "messages": history, "stream": True, "max_tokens": args.max_tokens,
-                   "thinking": {"type": "enabled" if thinking else "disabled"}}
+                   "thinking": {"type": "enabled" if thinking else "disabled"},
+                   **{k: v for k, v in (("temperature", args.temperature), ("seed", args.seed)) if v is not None}}
         answer = []
         kind_now = None
         try:
@@ -317,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--api-key")
     c.add_argument("--max-tokens", type=int, default=512)
     c.add_argument("--no-thinking", action="store_true", help="start with thinking off")
+    c.add_argument("--temperature", type=float, help="sampling temperature (default: the server's)")
+    c.add_argument("--seed", type=int, help="sampling seed, for repeatable replies")
 
     sub.add_parser("random-checkpoint", help="write a random-weight checkpoint (see --help)", add_help=False)
 

@@ -114,16 +114,22 @@ def test_readme_quickstart_in_a_fresh_venv(tmp_path):
 
 
 def test_dsv4_chat_streams_and_toggles_thinking(main_app):
-    """`dsv4 chat` against the session's app: a turn with thinking on (reasoning shown dimmed), the
-    /think off switch, a second turn, then EOF ends it with exit code 0."""
+    """`dsv4 chat` against the session's app: a turn with thinking on (its reasoning shown dimmed, as
+    the API returns it for the same seed), the /think off switch, a second turn, then EOF ends it
+    with exit code 0. Seeded: the embedded model's random weights make any reply possible, even one
+    with no visible reasoning (6 sampled tokens that are all partial UTF-8 bytes, say)."""
     script = "hello\n/think off\nagain\n/quit\n"
     r = subprocess.run([sys.executable, "-m", "cluster.cli", "chat", "--url", main_app.url, "--api-key",
-                        main_app.api_key, "--max-tokens", "6"], input=script, capture_output=True, text=True,
-                       cwd=ROOT, timeout=180)
+                        main_app.api_key, "--max-tokens", "12", "--seed", "3"], input=script, capture_output=True,
+                       text=True, cwd=ROOT, timeout=180)
     assert r.returncode == 0, r.stderr
     assert "thinking off" in r.stdout and "Traceback" not in r.stderr
     assert r.stdout.count("> ") >= 3                           # three prompts were shown
-    assert "\x1b[2m" in r.stdout                                # first turn streamed reasoning, dimmed
+    want = main_app.openai().chat.completions.create(
+        model="deepseek-v4-flash", messages=[{"role": "user", "content": "hello"}], max_tokens=12, seed=3,
+        extra_body={"thinking": {"type": "enabled"}}).choices[0].message
+    assert want.reasoning_content, "seed 3 no longer gives visible reasoning: pick another"
+    assert "\x1b[2m" + want.reasoning_content in r.stdout       # the first turn's reasoning, dimmed
 
 
 def test_dsv4_chat_reports_server_errors_in_one_line(main_app):
