@@ -1,8 +1,8 @@
 """Cache keys: chained prefix hashes of token blocks, and the checkpoint / index keys built on them.
 
-Owns no state but two bounded memos of pure functions: `span_key` (a lookup asks for each of its
-span keys twice, and a resent prompt asks again) and `CHAIN_MEMO`, the chain hashes of the
-last few token sequences hashed (see `ChainMemo`). Every hash is 16 bytes (SHA-256,
+Owns no state but a bounded memo of `span_key` (a pure function: a lookup asks for each of its
+span keys twice, and a resent prompt asks again); `ChainMemo` (the chain hashes of the last few
+token sequences hashed) is owned by whoever passes it to `ChainHashes` (the service). Every hash is 16 bytes (SHA-256,
 truncated: SHA-NI makes it about twice as fast as blake2b here), so keys are fixed width; every
 hashed field is fixed width or length-prefixed, so they are unambiguous. Token ids are hashed as
 little-endian uint32 (`token_bytes`); a sequence holding an id outside [0, 2**32) (no real
@@ -109,15 +109,16 @@ def root_hash(fingerprint: str, salt: str | bytes | None, block_tokens: int = 12
 
 class ChainHashes(Sequence):
     """``[h_0, h_1, ..., h_num_blocks]`` of `tokens` (see the module docstring), computed on
-    first access and kept. Indexing and slicing as a list; `chain_hashes` gives the list."""
+    first access and kept. Indexing and slicing as a list; `chain_hashes` gives the list.
+    `memo`: a `ChainMemo` to take the hashes of a shared prefix from, and to remember this chain in."""
 
     def __init__(self, tokens: np.ndarray, block_tokens: int, fingerprint: str,
                  salt: str | bytes | None, num_blocks: int, *, memo: ChainMemo | None = None):
         if num_blocks < 0 or num_blocks * block_tokens > len(tokens):
             raise ValueError(f"{num_blocks} blocks of {block_tokens} exceed {len(tokens)} tokens")
         tokens = tokens[:num_blocks * block_tokens]
-        memo = CHAIN_MEMO if memo is None else memo
-        found = memo.find(tokens, fingerprint, _salt_bytes(salt), block_tokens)   # (entry, shared ids) or None
+        # (entry, shared ids) or None
+        found = None if memo is None else memo.find(tokens, fingerprint, _salt_bytes(salt), block_tokens)
         if found is not None and found[1] == len(tokens) == len(found[0]._array):   # the same ids
             width, array = found[0]._width, found[0]._array   # (shared: never written)
         else:
@@ -139,7 +140,8 @@ class ChainHashes(Sequence):
         self._params = (fingerprint, _salt_bytes(salt), block_tokens, width)  # what h_0 hashes
         self._anchors: list[bytes] = []  # h_0, h_32, h_64, ... (h_0 made below unless the memo knows it)
         self._groups: dict[int, list[bytes]] = {}  # g -> [h_{32g+1}, ..., h_{32g+32}] (or fewer at the end)
-        memo.adopt(self, found)
+        if memo is not None:
+            memo.adopt(self, found)
         if not self._anchors:
             self._anchors.append(root_hash(fingerprint, salt, block_tokens, width))
 
@@ -275,8 +277,6 @@ def _shared_tokens(a: np.ndarray, b: np.ndarray) -> int:
         return n
     return int(np.argmax(a[:n] != b[:n]))
 
-
-CHAIN_MEMO = ChainMemo()
 
 
 def chain_hashes(

@@ -55,7 +55,7 @@ from kvcache.device_tier import DeviceTier
 from kvcache.disk_tier import DiskTier
 from kvcache.hierarchy import Hit, TierStack, index_record
 from kvcache.keys import (
-    GROUP_BLOCKS, ChainHashes, block_key, checkpoint_key, index_key, span_key, token_array,
+    GROUP_BLOCKS, ChainHashes, ChainMemo, block_key, checkpoint_key, index_key, span_key, token_array,
 )
 from kvcache.record import Record
 from kvcache.redis_tier import RedisTier
@@ -106,6 +106,7 @@ class KVCacheService:
                                max_pending_bytes=self.config.max_pending_bytes)
         self._assembler = StateAssembler(self.stack, self.entry_rates, self.config)
         self._plans = RestorePlans()  # deferred lookups' answers, replayed while the tiers are unchanged
+        self._chain_memo = ChainMemo()  # chain hashes of the last token sequences looked up / committed
         self._lock = threading.Lock()
         self._num_lookups = self._num_hit_lookups = self._num_commits = 0
         self._num_lookup_tokens = self._num_cached_tokens = 0
@@ -151,7 +152,8 @@ class KVCacheService:
         `_prefetch_keys`), so a typical hit reads each tier once (one MGET from Redis)."""
         block_tokens = self.config.block_tokens
         # hashes over all the tokens (lazily): a span that ends past `limit` can still serve its head
-        hashes = ChainHashes(tokens, block_tokens, self.storage_fingerprint, salt, len(tokens) // block_tokens)
+        hashes = ChainHashes(tokens, block_tokens, self.storage_fingerprint, salt, len(tokens) // block_tokens,
+                             memo=self._chain_memo)
         if not is_deferred or self.config.is_fp8 or limit == 0:
             return self._find(tokens, salt, limit, hashes, is_deferred, None)
         key = plan_key(tokens, hashes, limit, block_tokens, self.config.span_blocks)   # restore_plan.py
@@ -333,7 +335,7 @@ class KVCacheService:
             return CommitResult(0, 0, 0, True)
         block_tokens, span_blocks = self.config.block_tokens, self.config.span_blocks
         num_blocks = positions[-1] // block_tokens
-        hashes = ChainHashes(tokens, block_tokens, self.storage_fingerprint, salt, num_blocks)
+        hashes = ChainHashes(tokens, block_tokens, self.storage_fingerprint, salt, num_blocks, memo=self._chain_memo)
         runs = [(j * span_blocks, span_blocks) for j in range(num_blocks // span_blocks)]
         if span_blocks > 1:  # each position's unfinished span, block by block
             ends = [p // block_tokens for p in positions]

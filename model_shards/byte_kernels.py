@@ -88,7 +88,7 @@ static int check_segments(const uint8_t* base, int64_t num_bytes, const int64_t*
    last row zero-padded) into sums[width], copying the ranges `segs` (see byte_kernels.py) on
    the way. A copied word is summed from the register it was loaded into; bytes of a range that
    share a word with bytes outside it (ranges need not be word-aligned) are copied apart and
-   their word summed once, with the uncopied words. 0, or -1 (nothing written) for bad ranges. */
+   their word summed once, with the uncopied words. The ranges were checked (check_segments). */
 static void sum_copy_record(const uint8_t* base, int64_t num_words, int64_t width, uint64_t* sums,
                             const int64_t* segs, int64_t num_segs) {
     memset(sums, 0, (size_t)width * sizeof(uint64_t));
@@ -127,15 +127,7 @@ static void sum_copy_record(const uint8_t* base, int64_t num_words, int64_t widt
     }
 }
 
-int colsum64_copy(const uint8_t* base, int64_t num_words, int64_t width, uint64_t* sums,
-                  const int64_t* segs, int64_t num_segs) {
-    if (width < 1 || num_words < 0 || num_segs < 0) return -1;
-    if (check_segments(base, 8 * num_words, segs, num_segs)) return -1;
-    sum_copy_record(base, num_words, width, sums, segs, num_segs);
-    return 0;
-}
-
-/* colsum64_copy of n records: recs[4 r .. 4 r + 4) = (base, num_words, width, num_segs) of
+/* The column sums of n records, copying their segments on the way: recs[4 r .. 4 r + 4) = (base, num_words, width, num_segs) of
    record r, its segments follow record r-1's in segs, its sums record r-1's in sums. Every
    record is checked first: 0, or -1 - r (nothing written) for the first record r with a bad
    width or bad ranges. */
@@ -175,8 +167,6 @@ def _library() -> ctypes.CDLL | None:
     if lib is None:
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.colsum64_copy.argtypes = [ptr, i64, i64, ptr, ptr, i64]
-    lib.colsum64_copy.restype = ctypes.c_int
     lib.colsum64_copy_many.argtypes = [i64, ptr, ptr, ptr]
     lib.colsum64_copy_many.restype = ctypes.c_int
     lib.copy_segments.argtypes = [ptr, i64]
@@ -189,16 +179,12 @@ def is_available() -> bool:
     return _library() is not None
 
 
-def colsum64_copy(base: int, num_words: int, width: int, segments: list[int]) -> ctypes.Array | None:
-    """The column sums (a ``c_uint64 * width`` array: native = little-endian words, usable as a
-    buffer) of the `num_words` words at address `base` in rows of `width` words, copying
-    `segments` (see the module docstring) on the way; None (nothing written) if a range lies
-    outside the region, overlaps another or is out of order. Needs `is_available`."""
-    sums = (ctypes.c_uint64 * width)()
-    segs = (ctypes.c_int64 * len(segments))(*segments)
-    if _library().colsum64_copy(base, num_words, width, sums, segs, len(segments) // 3):
-        return None
-    return sums
+def colsum64_copy(base: int, num_words: int, width: int, segments: list[int]) -> np.ndarray | None:
+    """The column sums (uint64 [width]: native = little-endian words, usable as a buffer) of the
+    `num_words` words at address `base` in rows of `width` words, copying `segments` (see the
+    module docstring) on the way; None (nothing written) if a range lies outside the region,
+    overlaps another or is out of order. Needs `is_available`. (`colsum64_copy_many` of one.)"""
+    return colsum64_copy_many([base, num_words, width, len(segments) // 3], segments)
 
 
 def colsum64_copy_many(records, segments) -> np.ndarray | None:

@@ -54,6 +54,8 @@ def test_a_lookup_asked_again_replays_its_plan_with_the_same_state_and_effects(m
             results[name] = [restore(svc, p, max_tokens) for _ in range(3)]
         assert (planned._plans.num_replays, len(planned._plans)) == (2, 1)
         assert (plain._plans.num_replays, len(plain._plans)) == (0, 0)
+        for svc in (planned, plain):   # each service's own chain memo: the repeats reuse the first hashes
+            assert (svc._chain_memo.num_misses, svc._chain_memo.num_hits) == (1, 2)
         expected = synthetic_state(LAY, TOKENS, position)
         for hit, state in results["planned"] + results["plain"]:
             assert state is not None and bitwise_equal(state.export(), expected)
