@@ -63,7 +63,8 @@ class StateAssembler:
         if check.finish(num_blocks) != position:
             raise ValueError(f"checkpoint holds {check.num_tokens} tokens")
         state = {name: blocks[name] + [t] if name in blocks else t for name, t in tensors.items()}
-        return DeferredState(state, [hit for hit, _, _ in pieces], self.stack.settle, sources)
+        return DeferredState(state, [hit for hit, _, _ in pieces], self.stack.settle, sources,
+                             num_threads=self.config.num_restore_threads)
 
     def assemble(self, pieces: list[tuple[Hit, int, int]], checkpoint: Record, position: int
                   ) -> dict[str, torch.Tensor]:

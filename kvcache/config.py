@@ -5,6 +5,7 @@ Owns nothing at runtime: a frozen dataclass.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from kvcache import fp8
@@ -29,6 +30,8 @@ class KVCacheConfig:
     fp8_suffixes: tuple[str, ...] = fp8.DEFAULT_SUFFIXES
     checksum: str = "colsum64"           # or "rowcol64", "crc32", "blake2b" (see checksum.py)
     max_pending_bytes: int = 1 << 30     # background writes beyond this are dropped
+    restore_threads: int | None = None   # threads of a restore's verify + copy (byte kernels); None:
+                                         # min(4, the CPUs this process may run on)
 
     def validate(self) -> None:
         validate_block_tokens(self.block_tokens)
@@ -36,8 +39,21 @@ class KVCacheConfig:
             raise ValueError(f"checkpoint_tokens must be positive, got {self.checkpoint_tokens}")
         if self.rope_dim < 0:
             raise ValueError(f"rope_dim must be >= 0, got {self.rope_dim}")
+        if self.restore_threads is not None and (type(self.restore_threads) is not int or self.restore_threads < 1):
+            raise ValueError(f"restore_threads must be a positive int or None, got {self.restore_threads!r}")
         if self.span_tokens is not None and (self.span_tokens <= 0 or self.span_tokens % self.block_tokens):
             raise ValueError(f"span_tokens must be a positive multiple of block_tokens, got {self.span_tokens}")
+
+    @property
+    def num_restore_threads(self) -> int:
+        """`restore_threads`, or its default: min(4, the CPUs this process may run on)."""
+        if self.restore_threads is not None:
+            return self.restore_threads
+        try:
+            num_cpus = len(os.sched_getaffinity(0))
+        except AttributeError:   # (not on Linux)
+            num_cpus = os.cpu_count() or 1
+        return max(1, min(4, num_cpus))
 
     @property
     def span_blocks(self) -> int:

@@ -82,6 +82,7 @@ class RestorePlan:
         if deferred.caches is None:   # (the lookup's own result shares them: it is loaded first)
             deferred.caches = {}
         self.tensors, self.sources, self.caches = deferred.tensors, deferred.sources, deferred.caches
+        self.num_threads = deferred.num_threads
         self.position, self.checkpoint_tier = result.num_cached_tokens, result.checkpoint_tier
         self.by_tier = (dict(result.num_blocks_by_tier), dict(result.num_records_by_tier),
                         dict(result.num_bytes_by_tier))
@@ -100,7 +101,8 @@ class RestorePlan:
         return LookupResult(self.position, None, checkpoint_tier=self.checkpoint_tier,
                             num_blocks_by_tier=dict(num_blocks), num_records_by_tier=dict(num_records),
                             num_bytes_by_tier=dict(num_bytes),
-                            deferred=DeferredState(self.tensors, runs, stack.settle, self.sources, self.caches))
+                            deferred=DeferredState(self.tensors, runs, stack.settle, self.sources, self.caches,
+                                                           num_threads=self.num_threads))
 
 
 class RestorePlans:

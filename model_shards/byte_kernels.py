@@ -10,7 +10,7 @@ SHA-256 over the same column sums as checksum.py, so the digest is the same bit 
 on a mismatch, discards what it copied into.
 
     colsum64_copy(base, num_words, width, segments)   -> the column sums, or None (bad ranges)
-    colsum64_copy_many(records, segments)              -> every record's sums in one call, or None
+    colsum64_copy_many(records, segments, num_threads) -> every record's sums in one call, or None
     copy_segments(segments)                           -> plain copies (already verified bytes)
 
 `segments` are flat ints ``[source address, byte count, destination address, ...]``: every
@@ -39,9 +39,10 @@ import numpy as np
 
 from .native_build import build_or_warn
 
-_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC"]
+_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread"]
 
 _SOURCE = r"""
+#include <pthread.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -127,24 +128,69 @@ static void sum_copy_record(const uint8_t* base, int64_t num_words, int64_t widt
     }
 }
 
-/* The column sums of n records, copying their segments on the way: recs[4 r .. 4 r + 4) = (base, num_words, width, num_segs) of
-   record r, its segments follow record r-1's in segs, its sums record r-1's in sums. Every
-   record is checked first: 0, or -1 - r (nothing written) for the first record r with a bad
-   width or bad ranges. */
-int colsum64_copy_many(int64_t n, const int64_t* recs, uint64_t* sums, const int64_t* segs) {
+/* Records [r0, r1) of a call: their sums and segments start at `sums` and `segs`. */
+typedef struct { const int64_t* recs; uint64_t* sums; const int64_t* segs; int64_t r0, r1; } job_t;
+
+static void* run_job(void* arg) {
+    const job_t* j = (const job_t*)arg;
+    uint64_t* sums = j->sums;
+    const int64_t* s = j->segs;
+    for (int64_t r = j->r0; r < j->r1; r++) {
+        const int64_t* rec = j->recs + 4 * r;
+        sum_copy_record((const uint8_t*)(uintptr_t)rec[0], rec[1], rec[2], sums, s, rec[3]);
+        sums += rec[2];
+        s += 3 * rec[3];
+    }
+    return 0;
+}
+
+#define MIN_THREAD_BYTES (1 << 20)   /* below this per thread, a thread's start (~20-50 us) outweighs it */
+#define MAX_THREADS 16
+
+/* The column sums of n records, copying their segments on the way: recs[4 r .. 4 r + 4) = (base,
+   num_words, width, num_segs) of record r, its segments follow record r-1's in segs, its sums
+   record r-1's in sums. Every record is checked first: 0, or -1 - r (nothing written) for the
+   first record r with a bad width or bad ranges. With num_threads > 1 the records are cut into
+   up to that many consecutive groups of about equal bytes (each >= MIN_THREAD_BYTES), one per
+   thread (this one runs the first): the records' sums do not depend on each other, so the
+   results are the same bytes; different records' destinations must not overlap. */
+int colsum64_copy_many(int64_t n, const int64_t* recs, uint64_t* sums, const int64_t* segs, int64_t num_threads) {
     const int64_t* s = segs;
+    int64_t total_words = 0;
     for (int64_t r = 0; r < n; r++) {
         const int64_t* rec = recs + 4 * r;
         if (rec[2] < 1 || rec[1] < 0 || rec[3] < 0
             || check_segments((const uint8_t*)(uintptr_t)rec[0], 8 * rec[1], s, rec[3])) return (int)(-1 - r);
         s += 3 * rec[3];
+        total_words += rec[1];
     }
+    int64_t t = num_threads < MAX_THREADS ? num_threads : MAX_THREADS;
+    if (t > n) t = n;
+    if (t > 8 * total_words / MIN_THREAD_BYTES) t = 8 * total_words / MIN_THREAD_BYTES;
+    if (t < 1) t = 1;
+    job_t jobs[MAX_THREADS];
+    pthread_t threads[MAX_THREADS];
+    int is_started[MAX_THREADS] = {0};
+    int64_t r = 0, words = 0, num_jobs = 0;
     s = segs;
-    for (int64_t r = 0; r < n; r++) {
-        const int64_t* rec = recs + 4 * r;
-        sum_copy_record((const uint8_t*)(uintptr_t)rec[0], rec[1], rec[2], sums, s, rec[3]);
-        sums += rec[2];
-        s += 3 * rec[3];
+    for (int64_t i = 0; i < t && r < n; i++) {   /* job i: records until (i + 1) / t of the words */
+        job_t* j = &jobs[num_jobs++];
+        j->recs = recs; j->sums = sums; j->segs = s; j->r0 = r;
+        do {
+            words += recs[4 * r + 1];
+            sums += recs[4 * r + 2];
+            s += 3 * recs[4 * r + 3];
+            r++;
+        } while (r < n && (i == t - 1 || words * t < total_words * (i + 1)));
+        j->r1 = r;
+    }
+    if (num_jobs == 0) return 0;
+    for (int64_t i = 1; i < num_jobs; i++)
+        is_started[i] = pthread_create(&threads[i], 0, run_job, &jobs[i]) == 0;
+    run_job(&jobs[0]);
+    for (int64_t i = 1; i < num_jobs; i++) {
+        if (is_started[i]) pthread_join(threads[i], 0);
+        else run_job(&jobs[i]);                   /* (no thread: done here) */
     }
     return 0;
 }
@@ -167,7 +213,7 @@ def _library() -> ctypes.CDLL | None:
     if lib is None:
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.colsum64_copy_many.argtypes = [i64, ptr, ptr, ptr]
+    lib.colsum64_copy_many.argtypes = [i64, ptr, ptr, ptr, i64]
     lib.colsum64_copy_many.restype = ctypes.c_int
     lib.copy_segments.argtypes = [ptr, i64]
     lib.copy_segments.restype = None
@@ -187,13 +233,18 @@ def colsum64_copy(base: int, num_words: int, width: int, segments: list[int]) ->
     return colsum64_copy_many([base, num_words, width, len(segments) // 3], segments)
 
 
-def colsum64_copy_many(records, segments) -> np.ndarray | None:
+def colsum64_copy_many(records, segments, num_threads: int = 1) -> np.ndarray | None:
     """`colsum64_copy` of several records in one call: ``records`` holds ``(base, num_words,
     width, num_segments)`` per record (flat ints: a list or an int64 array), ``segments`` each
     record's segments (as in `colsum64_copy`) one record after another. Returns every record's
     column sums, one after another in one uint64 array (record r's: the `width` words after
     those of records < r), or None (nothing written) if any record's ranges are bad. Needs
-    `is_available`."""
+    `is_available`.
+
+    `num_threads` > 1: the records are shared out over up to that many threads (whole records,
+    consecutive, about equal bytes, at least 1 MiB each; the calling thread runs one share and
+    the GIL is released meanwhile). Each record's sums are computed as with one thread, so the
+    results are the same; the destinations of different records must not overlap."""
     recs = np.ascontiguousarray(records, dtype=np.int64).reshape(-1)
     segs = np.ascontiguousarray(segments, dtype=np.int64).reshape(-1)
     listed = records if type(records) is list else recs.tolist()   # (checked as ints: cheaper than numpy here)
@@ -201,7 +252,8 @@ def colsum64_copy_many(records, segments) -> np.ndarray | None:
     if len(recs) % 4 or min(widths, default=1) < 1 or 3 * sum(counts) != len(segs):
         return None
     sums = np.empty(sum(widths), dtype=np.uint64)
-    if _library().colsum64_copy_many(len(recs) // 4, recs.ctypes.data, sums.ctypes.data, segs.ctypes.data):
+    if _library().colsum64_copy_many(len(recs) // 4, recs.ctypes.data, sums.ctypes.data, segs.ctypes.data,
+                                     max(1, int(num_threads))):
         return None
     return sums
 

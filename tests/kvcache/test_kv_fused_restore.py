@@ -21,6 +21,7 @@ import torch
 from kvcache import checksum, restore
 from kvcache.keys import chain_hashes, span_key, token_array
 from kvcache.record import Record, RecordError, decode_record, encode_record
+from kvcache.service import KVCacheService
 from kvcache.synthetic import bitwise_equal, synthetic_state
 from kv_model_helpers import corrupt_stored, stores
 from model_shards import byte_kernels
@@ -159,6 +160,35 @@ def test_one_record_with_bad_ranges_writes_nothing_of_any_record():
     assert byte_kernels.colsum64_copy_many([address(good), 600, width, 2], [address(good), 8, address(out)]) is None
 
 
+@pytest.mark.parametrize("num_threads", [2, 3, 4, 16, 100])
+def test_records_shared_out_over_threads_give_each_record_its_own_sums(num_threads):
+    """With threads, whole records go to each thread (consecutive, about equal bytes, >= 1 MiB a
+    thread): every record's sums and copies are still exactly its single-threaded ones, also
+    with more threads than records and records of very different sizes."""
+    rnd = random.Random(num_threads)
+    mib_words = (1 << 20) // 8
+    records, segments, expected, outs = [], [], [], []
+    for i, num_words in enumerate([3 * mib_words + 5, 1, 0, mib_words // 3, 2 * mib_words + 513, 513, mib_words + 7]):
+        region = region_at(8 * num_words, i % 3 * 8, seed=100 + i)
+        ranges = random_ranges(region.nbytes, rnd, 4)
+        sums, _ = fused(region, ranges, rnd)
+        expected.append(np.frombuffer(sums, dtype=np.uint64))
+        for a, b in ranges:
+            out = np.zeros(b - a + 16, dtype=np.uint8)
+            segments += [address(region) + a, b - a, address(out) + 8]
+            outs.append((out, region, a, b))
+        records += [address(region), num_words, checksum.col_words(num_words), len(ranges)]
+    spare = np.zeros(64, dtype=np.uint8)   # one more record, whose range ends past its region
+    bad = byte_kernels.colsum64_copy_many(records + [address(spare), 1, 1, 1], segments + [address(spare), 16, 0],
+                                          num_threads)
+    assert bad is None and not any(out.any() for out, _, _, _ in outs)   # nothing of any record written
+    sums = byte_kernels.colsum64_copy_many(np.array(records, dtype=np.int64), np.array(segments, dtype=np.int64),
+                                           num_threads)
+    assert sums is not None and np.array_equal(sums, np.concatenate(expected))
+    for out, region, a, b in outs:
+        assert np.array_equal(out[8:8 + b - a], region[a:b]) and not out[:8].any() and not out[8 + b - a:].any()
+
+
 def test_a_record_verifies_from_column_sums():
     record = Record("span", "k", {"a": torch.arange(3000, dtype=torch.float32).view(-1, 10),
                                   "b": torch.ones(7, 3, dtype=torch.float16)})
@@ -215,6 +245,34 @@ def test_the_fused_load_reads_each_run_record_once_and_is_bitwise(tier, max_toke
         assert bitwise_equal(state.export(), synthetic_state(LAY, TOKENS, position))
         assert svc.stats().tiers[tier].num_corrupt == 0
         del holders
+
+
+@pytest.mark.parametrize("restore_threads", [None, 1, 3])
+def test_the_fused_load_uses_the_services_restore_threads_and_is_bitwise(restore_threads, tmp_path, monkeypatch):
+    """`restore_threads` (None: min(4, usable CPUs)) reaches the kernel, for a lookup and for
+    the replays of its restore plan; the restored state is the same."""
+    import os
+    default_threads = min(4, len(os.sched_getaffinity(0)))
+    expected_threads = restore_threads or default_threads
+    with committed({"disk_dir": tmp_path}) as writer:
+        assert writer.config.restore_threads is None and writer.config.num_restore_threads == default_threads
+    with KVCacheService(LAY.entry_rates, "fp", checkpoint_tokens=256, device_bytes=0, disk_dir=tmp_path,
+                        restore_threads=restore_threads) as svc:
+        fused_calls = Counting(monkeypatch, byte_kernels, "colsum64_copy_many")
+        for _ in range(3):   # the lookup, then replays of its plan
+            hit = svc.lookup(TOKENS, is_deferred=True)
+            assert hit.deferred.num_threads == expected_threads
+            state = pool().new_state()
+            assert hit.load_into(state)
+            assert bitwise_equal(state.export(), synthetic_state(LAY, TOKENS, 1000))
+        assert svc._plans.num_replays == 2
+        assert [args[2] for args in fused_calls.args] == [expected_threads] * 3
+
+
+def test_restore_threads_must_be_a_positive_int():
+    for bad in (0, -1, 1.5, "2"):
+        with pytest.raises(ValueError, match="restore_threads"):
+            KVCacheService(LAY.entry_rates, "fp", restore_threads=bad)
 
 
 def test_a_verified_run_record_is_copied_without_a_second_check(tmp_path, monkeypatch):
