@@ -159,7 +159,7 @@ class DeferredState:
         plain = segments[bounds[len(runs)]:]   # (the checkpoint's blocks: none in practice, it holds tensors)
         if others:
             plain = np.concatenate([plain, *(segments[bounds[j]:bounds[j + 1]] for j in others)])
-        byte_kernels.copy_segments(plain)
+        byte_kernels.copy_segments(plain, self.num_threads)
 
     def _load_plan(self, state):
         """`state`'s `LoadPlan` of `tensors` (``state.plan_load``; kept in `caches`), or None

@@ -11,7 +11,7 @@ on a mismatch, discards what it copied into.
 
     colsum64_copy(base, num_words, width, segments)   -> the column sums, or None (bad ranges)
     colsum64_copy_many(records, segments, num_threads) -> every record's sums in one call, or None
-    copy_segments(segments)                           -> plain copies (already verified bytes)
+    copy_segments(segments, num_threads)              -> plain copies (already verified bytes)
 
 `segments` are flat ints ``[source address, byte count, destination address, ...]``: every
 source range must lie inside the region and the ranges must be sorted by source and not
@@ -195,9 +195,45 @@ int colsum64_copy_many(int64_t n, const int64_t* recs, uint64_t* sums, const int
     return 0;
 }
 
-void copy_segments(const int64_t* segs, int64_t num_segs) {
-    for (int64_t k = 0; k < num_segs; k++)
-        memcpy((void*)(uintptr_t)segs[3 * k + 2], (const void*)(uintptr_t)segs[3 * k], (size_t)segs[3 * k + 1]);
+/* Bytes [lo, hi) of the segments' concatenation: job i of a threaded copy_segments. */
+typedef struct { const int64_t* segs; int64_t num_segs, lo, hi; } copy_job_t;
+
+static void* run_copy_job(void* arg) {
+    const copy_job_t* j = (const copy_job_t*)arg;
+    int64_t at = 0;                              /* where segment k starts in the concatenation */
+    for (int64_t k = 0; k < j->num_segs && at < j->hi; k++) {
+        const int64_t* seg = j->segs + 3 * k;
+        int64_t a = j->lo > at ? j->lo : at, b = j->hi < at + seg[1] ? j->hi : at + seg[1];
+        if (a < b)
+            memcpy((uint8_t*)(uintptr_t)seg[2] + (a - at), (const uint8_t*)(uintptr_t)seg[0] + (a - at), (size_t)(b - a));
+        at += seg[1];
+    }
+    return 0;
+}
+
+/* Copy every segment (no checks: the caller's ranges). With num_threads > 1 the bytes are cut
+   into up to that many equal parts (>= MIN_THREAD_BYTES each), a segment split where a part
+   ends; every byte is still copied once. */
+void copy_segments(const int64_t* segs, int64_t num_segs, int64_t num_threads) {
+    int64_t total = 0;
+    for (int64_t k = 0; k < num_segs; k++) total += segs[3 * k + 1];
+    int64_t t = num_threads < MAX_THREADS ? num_threads : MAX_THREADS;
+    if (t > total / MIN_THREAD_BYTES) t = total / MIN_THREAD_BYTES;
+    if (t < 1) t = 1;
+    copy_job_t jobs[MAX_THREADS];
+    pthread_t threads[MAX_THREADS];
+    int is_started[MAX_THREADS] = {0};
+    for (int64_t i = 0; i < t; i++) {
+        jobs[i].segs = segs; jobs[i].num_segs = num_segs;
+        jobs[i].lo = total * i / t; jobs[i].hi = total * (i + 1) / t;
+    }
+    for (int64_t i = 1; i < t; i++)
+        is_started[i] = pthread_create(&threads[i], 0, run_copy_job, &jobs[i]) == 0;
+    run_copy_job(&jobs[0]);
+    for (int64_t i = 1; i < t; i++) {
+        if (is_started[i]) pthread_join(threads[i], 0);
+        else run_copy_job(&jobs[i]);
+    }
 }
 """
 
@@ -215,7 +251,7 @@ def _library() -> ctypes.CDLL | None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.colsum64_copy_many.argtypes = [i64, ptr, ptr, ptr, i64]
     lib.colsum64_copy_many.restype = ctypes.c_int
-    lib.copy_segments.argtypes = [ptr, i64]
+    lib.copy_segments.argtypes = [ptr, i64, i64]
     lib.copy_segments.restype = None
     return lib
 
@@ -258,12 +294,15 @@ def colsum64_copy_many(records, segments, num_threads: int = 1) -> np.ndarray | 
     return sums
 
 
-def copy_segments(segments) -> None:
+def copy_segments(segments, num_threads: int = 1) -> None:
     """Copy every ``(source, byte count, destination)`` of `segments` (flat ints: a list or an
-    int64 array; no checks: the caller's ranges). Needs `is_available`."""
+    int64 array; no checks: the caller's ranges). `num_threads` > 1: the bytes are cut into up
+    to that many equal parts (at least 1 MiB each), one per thread, segments split where a part
+    ends (sources and destinations must not overlap). Needs `is_available`."""
     if len(segments):
         if type(segments) is np.ndarray:
             segs = np.ascontiguousarray(segments, dtype=np.int64).reshape(-1)
-            _library().copy_segments(segs.ctypes.data, len(segs) // 3)
+            _library().copy_segments(segs.ctypes.data, len(segs) // 3, max(1, int(num_threads)))
         else:
-            _library().copy_segments((ctypes.c_int64 * len(segments))(*segments), len(segments) // 3)
+            _library().copy_segments((ctypes.c_int64 * len(segments))(*segments), len(segments) // 3,
+                                     max(1, int(num_threads)))

@@ -189,6 +189,26 @@ def test_records_shared_out_over_threads_give_each_record_its_own_sums(num_threa
         assert np.array_equal(out[8:8 + b - a], region[a:b]) and not out[:8].any() and not out[8 + b - a:].any()
 
 
+@pytest.mark.parametrize("num_threads", [1, 2, 3, 16])
+@pytest.mark.parametrize("as_array", [False, True])
+def test_plain_copies_cut_over_threads_copy_every_byte_once(num_threads, as_array):
+    """`copy_segments` with threads: the bytes are cut into equal parts (segments split where a
+    part ends, >= 1 MiB a part): every segment lands exactly, nothing around it is written."""
+    rnd = random.Random(num_threads)
+    mib = 1 << 20
+    segments, outs = [], []
+    for i, num_bytes in enumerate([3 * mib + 5, 1, 0, mib // 3, 2 * mib + 513, 7, mib + 7]):
+        source = region_at(num_bytes, i % 3, seed=200 + i)
+        out = np.zeros(num_bytes + 32, dtype=np.uint8)
+        at = rnd.randint(0, 15)
+        segments += [address(source), num_bytes, address(out) + at]
+        outs.append((out, at, source))
+    byte_kernels.copy_segments(np.array(segments, dtype=np.int64) if as_array else segments, num_threads)
+    for out, at, source in outs:
+        n = source.nbytes
+        assert np.array_equal(out[at:at + n], source) and not out[:at].any() and not out[at + n:].any()
+
+
 def test_a_record_verifies_from_column_sums():
     record = Record("span", "k", {"a": torch.arange(3000, dtype=torch.float32).view(-1, 10),
                                   "b": torch.ones(7, 3, dtype=torch.float16)})
