@@ -150,9 +150,16 @@ class RowSink:
 
     def plan_blocks(self, blocks: list, out: list) -> None:
         """Every block of this load, in order: each `ByteRows` block that `plan_bytes` can
-        hand over goes to `out` (as there), every other block is appended now (`append`:
-        converted / moved by its copy)."""
+        hand over goes to `out` (as there), and so does a contiguous CPU tensor block of the
+        destination's dtype, as `ByteRows` viewing its bytes (the KV cache's device tier holds
+        tensors: their copies then join the one call of byte copies); every other block is
+        appended now (`append`: converted / moved by its copy)."""
+        if self._address_runs is None:
+            self._make_address_runs()
+        dtype = self._byte_dtype
         for j, block in enumerate(blocks):
+            if type(block) is not tuple and dtype is not None:
+                block = _as_byte_rows(block, dtype) or block
             if type(block) is not tuple or not self.plan_bytes(block, j, out):
                 self.append(block)
 

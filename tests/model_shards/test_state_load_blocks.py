@@ -189,15 +189,19 @@ def holding_pages(model, pages: str) -> list:
     return holders
 
 
-@pytest.mark.parametrize("every", [1, 2])
+@pytest.mark.parametrize("every", [1, 2, "float64"])
 @pytest.mark.parametrize("pages", ["one_run", "scattered", "standalone"])
 def test_copy_blocks_hands_over_the_byte_copies_of_every_block_at_once(model, exported, every, pages):
     """With `copy_blocks`, the byte blocks are not copied by the load but handed over in ONE
     call (block, its j, source offset, size, destination address per copy); the caller's copies
-    make the same state. Tensor blocks are copied by the load, before the hand-over."""
+    make the same state. A contiguous CPU tensor block of the state's dtype is handed over too
+    (as a view of its bytes); a block of another dtype is copied (converted) by the load."""
     holders = holding_pages(model, pages)
     state = SequenceState.new(model.config) if pages == "standalone" else model.new_state()
-    blocks = as_byte_blocks(as_blocks(exported, [0.2, 0.6]), every)
+    blocks = as_byte_blocks(as_blocks(exported, [0.2, 0.6]), 1 if every == 1 else 2)   # block 1: a tensor
+    if every == "float64":
+        blocks = {name: [b.double() if j == 1 else b for j, b in enumerate(v)] if isinstance(v, list) else v
+                  for name, v in blocks.items()}
     seen = []
 
     def copy_blocks(copies):
@@ -209,7 +213,7 @@ def test_copy_blocks_hands_over_the_byte_copies_of_every_block_at_once(model, ex
     copies = seen[0]
     num_entries_tensors = sum(name.endswith(".entries") for name in exported)
     per_block = [int((copies.block_ids == j).sum()) for j in range(3)]
-    expected = [num_entries_tensors, 0 if every == 2 else num_entries_tensors, num_entries_tensors]
+    expected = [num_entries_tensors, 0 if every == "float64" else num_entries_tensors, num_entries_tensors]
     assert per_block == expected if pages != "scattered" else all(a >= b for a, b in zip(per_block, expected))
     assert copies.layout is None   # (planned block by block: no load plan)
     assert_same_state(state, exported)
