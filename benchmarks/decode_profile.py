@@ -119,6 +119,11 @@ def profile_prefill(model: DeepseekV4, num_seqs: int, length: int, steps: int, d
             **summarize(prof, 1, device)}
 
 
+def key_align_gpu() -> int:
+    from model_shards.attention import Attention
+    return Attention.KEY_ALIGN_GPU
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="small")
@@ -129,6 +134,10 @@ def main() -> None:
     p.add_argument("--graphs", action="store_true", help="replay decode steps from CUDA graphs (model_shards.cuda_graph)")
     p.add_argument("--regions", action="store_true", help="compiled decode regions (model_shards.regions)")
     p.add_argument("--prefill", default="", help="prefill shapes NUMxLEN, comma-separated (e.g. 4x2048,1x8192)")
+    p.add_argument("--eager-mhc", action="store_true",
+                   help="prefill mHC eagerly (turns model_shards.mhc_prefill.PrefillMHC off: the earlier path)")
+    p.add_argument("--key-align", type=int, default=None,
+                   help="Attention.KEY_ALIGN_GPU (1: the unaligned window keys of the earlier path)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -138,10 +147,17 @@ def main() -> None:
         generate(path, args.preset, "hf", "none", seed=0, dtype=dtype, with_mtp=False)
     model = DeepseekV4.from_pretrained(path, dtype=dtype, device=device, load_mtp=False)
     cfg: ModelConfig = model.config
+    if args.eager_mhc:
+        model.dense.prefill_mhc.is_enabled = False
+    if args.key_align is not None:
+        from model_shards.attention import Attention
+        Attention.KEY_ALIGN_GPU = args.key_align
     if args.regions:
         from model_shards.regions import DecodeRegions
         model.dense.regions = DecodeRegions()
-    result = {"preset": args.preset, "device": device, "graphs": args.graphs, "regions": args.regions, "dtype": str(dtype).removeprefix("torch."),
+    result = {"preset": args.preset, "device": device, "graphs": args.graphs, "regions": args.regions,
+              "prefill_mhc": model.dense.prefill_mhc.is_enabled, "key_align_gpu": key_align_gpu(),
+              "dtype": str(dtype).removeprefix("torch."),
               "num_layers": cfg.num_layers, "threads": torch.get_num_threads(), "decode": {}}
     for shape in filter(None, args.prefill.split(",")):
         num_seqs, length = (int(x) for x in shape.split("x"))

@@ -30,6 +30,7 @@ from .cpu_kernels import linear
 from .fused import Sinkhorn
 from .moe import Gate, SharedExpert
 from .mhc import hc_args, hc_merge, hc_weights
+from .mhc_prefill import PrefillMHC
 from .ops import linear_f32, rms_norm, rope_cis, rope_inv_freq
 from .regions import DecodeRegions
 from .state import SequenceState
@@ -69,6 +70,7 @@ class MoEWork:
     # the step, when DecodeRegions made this: its shared expert and combine (with the next layer's
     # attn_in) run there too
     region_batch: StepBatch | None = None
+    is_compiled_mhc: bool = False   # mHC through PrefillMHC (the merge must match the weights' path)
 
     @property
     def is_region(self) -> bool:
@@ -90,6 +92,7 @@ class DenseModel(nn.Module):
         self.state_pool: StatePool | None = None   # made on the first new_state(), on the weights' device
         self.sinkhorn = Sinkhorn()                 # mHC's Sinkhorn (fused on GPUs)
         self.regions = DecodeRegions(is_enabled=False)   # compiled decode regions (off until enabled)
+        self.prefill_mhc = PrefillMHC()            # mHC of large eager steps, compiled (GPUs)
         self.register_buffer("main_inv_freq", rope_inv_freq(cfg.main_rope, cfg.qk_rope_head_dim), persistent=False)
         self.register_buffer("compress_inv_freq", rope_inv_freq(cfg.compress_rope, cfg.qk_rope_head_dim), persistent=False)
 
@@ -130,23 +133,36 @@ class DenseModel(nn.Module):
         if self.regions.can_run(batch):
             return self.regions.attention(self, layer_id, h, batch)
         block = self.layers[layer_id]
-        collapsed, post, comb = self._hc_weights(h, block.hc_attn_fn, block.hc_attn_base, block.hc_attn_scale)
+        is_compiled_mhc = self.prefill_mhc.can_run(h, batch)
+        collapsed, post, comb = self._hc_weights(h, block.hc_attn_fn, block.hc_attn_base, block.hc_attn_scale,
+                                                 is_compiled_mhc)
         layer_states = [s.layers[layer_id] for s in batch.states]
         out = block.attn(block.attn_norm(collapsed), batch, layer_states, self.compress_inv_freq)
-        return hc_merge(out, h, post, comb)
+        return self._hc_merge(out, h, post, comb, is_compiled_mhc)
 
-    def _hc_weights(self, h: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor):
+    def _hc_weights(self, h: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
+                    is_compiled_mhc: bool = False):
+        if is_compiled_mhc:
+            return self.prefill_mhc.weights(h, fn, base, scale, *hc_args(self.cfg))
         return hc_weights(h, fn, base, scale, *hc_args(self.cfg), self.sinkhorn)
+
+    def _hc_merge(self, out: torch.Tensor, h: torch.Tensor, post: torch.Tensor, comb: torch.Tensor,
+                  is_compiled_mhc: bool = False) -> torch.Tensor:
+        if is_compiled_mhc:
+            return self.prefill_mhc.merge(out, h, post, comb)
+        return hc_merge(out, h, post, comb)
 
     def moe_begin(self, layer_id: int, h: torch.Tensor, batch: StepBatch) -> MoEWork:
         if self.regions.can_run(batch):
             x, expert_ids, weights, post, comb = self.regions.moe_begin(self, layer_id, h, batch)
             return MoEWork(layer_id, x, expert_ids, weights, h, post, comb, region_batch=batch)
         block = self.layers[layer_id]
-        collapsed, post, comb = self._hc_weights(h, block.hc_ffn_fn, block.hc_ffn_base, block.hc_ffn_scale)
+        is_compiled_mhc = self.prefill_mhc.can_run(h, batch)
+        collapsed, post, comb = self._hc_weights(h, block.hc_ffn_fn, block.hc_ffn_base, block.hc_ffn_scale,
+                                                 is_compiled_mhc)
         x = block.ffn_norm(collapsed)
         expert_ids, weights = block.ffn.gate(x, batch.token_ids)
-        return MoEWork(layer_id, x, expert_ids, weights, h, post, comb)
+        return MoEWork(layer_id, x, expert_ids, weights, h, post, comb, is_compiled_mhc=is_compiled_mhc)
 
     def shared_expert(self, work: MoEWork) -> torch.Tensor:
         if work.is_region:
@@ -158,7 +174,7 @@ class DenseModel(nn.Module):
             return self.regions.moe_end(self, work, routed, shared)
         if shared is None:
             shared = self.shared_expert(work)
-        return hc_merge(routed + shared, work.h, work.post, work.comb)
+        return self._hc_merge(routed + shared, work.h, work.post, work.comb, work.is_compiled_mhc)
 
     def final_hidden(self, h: torch.Tensor) -> torch.Tensor:
         """hc_head collapse + final norm: [T, hc, hidden] -> [T, hidden]."""

@@ -22,14 +22,15 @@ def hc_args(cfg) -> tuple[int, int, float, float]:
 
 def hc_weights(h: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, hc: int,
                num_iters: int, eps: float, hc_eps: float,
-               sinkhorn_fn=sinkhorn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               sinkhorn_fn=sinkhorn, linear_fn=linear_f32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """h [T, hc, hidden] -> collapsed block input [T, hidden], post [T, hc], comb [T, hc, hc] (float32).
-    `eps`: the RMSNorm epsilon; `hc_eps`: mHC's (on pre, comb and inside Sinkhorn)."""
+    `eps`: the RMSNorm epsilon; `hc_eps`: mHC's (on pre, comb and inside Sinkhorn). `sinkhorn_fn`,
+    `linear_fn`: how Sinkhorn and the float32 product run (the same math)."""
     flat = rms_norm(h.flatten(1).float(), None, eps)
     # mixes * scale + base, with scale[0] on the pre columns, scale[1] on post, scale[2] on comb
     s = scale.float()                                  # (int repeats: no host round trip on a GPU)
     scale_cols = torch.cat([s[:2].repeat_interleave(hc), s[2:].expand(hc * hc)])
-    mixes = torch.addcmul(base.float(), linear_f32(flat, fn), scale_cols)        # [T, (2+hc)*hc]
+    mixes = torch.addcmul(base.float(), linear_fn(flat, fn), scale_cols)         # [T, (2+hc)*hc]
     gates = torch.sigmoid(mixes[:, : 2 * hc])
     pre = gates[:, :hc] + hc_eps
     post = 2 * gates[:, hc:]

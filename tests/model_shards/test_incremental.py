@@ -188,6 +188,25 @@ def test_query_block_size_does_not_change_prefill(model, monkeypatch):
     assert rel_err(one_block, small_blocks) <= 1e-5 and rel_err(odd_blocks, small_blocks) <= 1e-5
 
 
+@pytest.mark.parametrize("query_block", [7, 16, 128])
+def test_aligned_window_keys_do_not_change_prefill(model, monkeypatch, query_block):
+    """GPUs start each query block's window keys early enough that their count is a multiple of 8
+    (Attention.KEY_ALIGN_GPU; the extra keys are masked): the same logits, also in a chunked
+    prefill (a window already holding keys) and at blocks where the shift runs into key 0."""
+    from model_shards.attention import Attention
+    monkeypatch.setattr(Attention, "QUERY_BLOCK", query_block)
+    ids = random_ids(300, model.config.vocab_size, seed=22)
+    runs = {}
+    for align in (1, 8):
+        monkeypatch.setattr(Attention, "KEY_ALIGN", align)
+        whole = model(ids.unsqueeze(0))[0]
+        state = model.new_state()
+        chunked = torch.cat([model(ids[None, a:b], state=state)[0] for a, b in ((0, 37), (37, 150), (150, 300))])
+        runs[align] = (whole, chunked)
+    for got, want in zip(runs[8], runs[1]):
+        assert rel_err(got, want) <= 1e-6
+
+
 def test_sinkhorn_numpy_path_equals_the_torch_loop_bitwise():
     """CPU runs Sinkhorn in numpy, GPUs run the torch loop (fused there): the same arithmetic."""
     from model_shards.fused import Sinkhorn
