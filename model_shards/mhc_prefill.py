@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from .fused import Compiled
-from .mhc import hc_merge, hc_weights
+from .mhc import hc_args, hc_merge, hc_weights
 from .ops import sinkhorn_rows
 
 MIN_TOKENS = 256   # smaller steps (decode, short chunks) stay eager: they are launch-bound anyway
@@ -60,6 +60,20 @@ class PrefillMHC:
     def can_run(self, h: torch.Tensor, batch) -> bool:
         return (self.is_enabled and h.device.type in self.device_types and h.shape[0] >= self.min_tokens
                 and bool(batch.prefill_segments) and not torch.compiler.is_compiling())
+
+    @torch.no_grad()
+    def warm_up(self, dense) -> None:
+        """Compile both functions now (one throwaway call each at `min_tokens` rows, with layer
+        0's mHC parameters), so that the first prompt does not wait for it: the token count is
+        compiled symbolic and the parameters are arguments, so every layer and size reuses them.
+        Does nothing where `can_run` would never hold (disabled, another device type)."""
+        if not self.is_enabled or dense.device.type not in self.device_types:
+            return
+        cfg, block = dense.cfg, dense.layers[0]
+        h = torch.zeros(self.min_tokens, cfg.hc_mult, cfg.hidden_size, dtype=dense.dtype, device=dense.device)
+        collapsed, post, comb = self.weights(h, block.hc_attn_fn, block.hc_attn_base, block.hc_attn_scale,
+                                            *hc_args(cfg))
+        self.merge(collapsed, h, post, comb)
 
     def weights(self, h, fn, base, scale, hc: int, num_iters: int, eps: float, hc_eps: float):
         """h [T, hc, hidden] -> (collapsed [T, hidden], post [T, hc], comb [T, hc, hc])."""

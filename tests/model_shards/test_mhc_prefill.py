@@ -37,6 +37,26 @@ def test_compiled_prefill_mhc_gives_the_eager_steps_logits(tmp_path):
             assert rel_err(got, want) <= RTOL
 
 
+def test_warm_up_compiles_once_for_every_size_and_layer(tmp_path):
+    """`warm_up` (the engines call it on GPUs) compiles both functions; prefills of other sizes
+    and every layer's calls then reuse them (no new graphs)."""
+    from torch._dynamo.utils import counters
+    model = random_model(tmp_path)
+    model.dense.prefill_mhc = mhc = PrefillMHC(device_types=("cpu",), min_tokens=32)
+    graphs_before = counters["stats"]["unique_graphs"]
+    mhc.warm_up(model.dense)
+    assert mhc.num_calls == 2 and counters["stats"]["unique_graphs"] == graphs_before + 2
+    with torch.no_grad():
+        model.step([model.new_state()], [random_ids(100, model.config.vocab_size, seed=1)])
+        model.step([model.new_state(), model.new_state()], [random_ids(333, model.config.vocab_size, seed=2),
+                                                            random_ids(5, model.config.vocab_size, seed=3)])
+    assert mhc.num_calls == 2 + 2 * 4 * model.config.num_layers
+    assert counters["stats"]["unique_graphs"] == graphs_before + 2
+    cuda_only = PrefillMHC(min_tokens=32)
+    cuda_only.warm_up(model.dense)
+    assert cuda_only.num_calls == 0   # (CUDA only by default: nothing to compile for this CPU model)
+
+
 def test_small_steps_and_other_devices_stay_eager(tmp_path):
     model = random_model(tmp_path)
     batch = type("Batch", (), {"prefill_segments": [0]})()
