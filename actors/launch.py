@@ -220,7 +220,7 @@ def launch(checkpoint_dir: str, num_expert_shards: int = 2, micro_batches: int =
         dense.regions = DecodeRegions()
         if graphs is not None:   # compile (and capture) the common decode shapes now, not on a request
             graphs.warm_up(micro_batches, cfg.index_topk + 1)
-    dense.prefill_mhc.warm_up(dense)   # (GPUs: prefill's compiled mHC, before the first prompt)
+    dense.warm_up_prefill()   # (GPUs: prefill's compiled pieces, before the first prompt)
     router = Router(dense, transports[transport], micro_batches, graphs)
     runner = EPRunner(cfg, checkpoint_fingerprint(checkpoint_dir), router, shards, infos, placement, transports,
                       assignment)

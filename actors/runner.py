@@ -55,7 +55,7 @@ class LocalRunner:
             self.graphs.warm_up(self.config.index_topk + 1)
         elif dense.device.type == "cpu":
             self.warm_up()
-        dense.prefill_mhc.warm_up(dense)   # (GPUs: prefill's compiled mHC, before the first prompt)
+        dense.warm_up_prefill()   # (GPUs: prefill's compiled pieces, before the first prompt)
 
     @torch.no_grad()
     def warm_up(self) -> None:

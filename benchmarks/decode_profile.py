@@ -135,7 +135,9 @@ def main() -> None:
     p.add_argument("--regions", action="store_true", help="compiled decode regions (model_shards.regions)")
     p.add_argument("--prefill", default="", help="prefill shapes NUMxLEN, comma-separated (e.g. 4x2048,1x8192)")
     p.add_argument("--eager-mhc", action="store_true",
-                   help="prefill mHC eagerly (turns model_shards.mhc_prefill.PrefillMHC off: the earlier path)")
+                   help="prefill mHC eagerly (turns model_shards.prefill_compiled.PrefillMHC off: the earlier path)")
+    p.add_argument("--eager-attention", action="store_true",
+                   help="prefill attention eagerly (turns model_shards.prefill_compiled.PrefillAttention off)")
     p.add_argument("--key-align", type=int, default=None,
                    help="Attention.KEY_ALIGN_GPU (1: the unaligned window keys of the earlier path)")
     p.add_argument("--out", default=None)
@@ -149,6 +151,8 @@ def main() -> None:
     cfg: ModelConfig = model.config
     if args.eager_mhc:
         model.dense.prefill_mhc.is_enabled = False
+    if args.eager_attention:
+        model.dense.prefill_attention.is_enabled = False
     if args.key_align is not None:
         from model_shards.attention import Attention
         Attention.KEY_ALIGN_GPU = args.key_align
@@ -156,7 +160,8 @@ def main() -> None:
         from model_shards.regions import DecodeRegions
         model.dense.regions = DecodeRegions()
     result = {"preset": args.preset, "device": device, "graphs": args.graphs, "regions": args.regions,
-              "prefill_mhc": model.dense.prefill_mhc.is_enabled, "key_align_gpu": key_align_gpu(),
+              "prefill_mhc": model.dense.prefill_mhc.is_enabled,
+              "prefill_attention": model.dense.prefill_attention.is_enabled, "key_align_gpu": key_align_gpu(),
               "dtype": str(dtype).removeprefix("torch."),
               "num_layers": cfg.num_layers, "threads": torch.get_num_threads(), "decode": {}}
     for shape in filter(None, args.prefill.split(",")):

@@ -28,6 +28,32 @@ from .ops import rms_norm, rope_, stable_topk
 from .state import LayerState
 
 
+def attend(q, keys, key_ok, entries, entry_ok, sink, scale: float) -> torch.Tensor:
+    """Sink-aware softmax attention over two key sets without concatenating them.
+
+    q [..., H, s, D]; keys [..., kw, D] with key_ok [..., s, kw]; entries [..., N, D] with
+    entry_ok [..., s, N] (or None); sink [H]. probs = exp(l - m) / (Σ exp(l - m) + exp(sink - m)),
+    m = max(all logits, sink); values are the keys themselves (K = V)."""
+    logits = torch.matmul(q, keys.unsqueeze(-3).transpose(-1, -2)) * scale    # [..., H, s, kw]
+    logits = logits.masked_fill(~key_ok.unsqueeze(-3), float("-inf"))
+    m = logits.amax(dim=-1, keepdim=True)
+    comp = None
+    if entries is not None:
+        comp = torch.matmul(q, entries.unsqueeze(-3).transpose(-1, -2)) * scale  # [..., H, s, N]
+        comp = comp.masked_fill(~entry_ok.unsqueeze(-3), float("-inf"))
+        m = torch.maximum(m, comp.amax(dim=-1, keepdim=True))
+    sink = sink.to(q.dtype).view(-1, 1, 1)                                     # [H, 1, 1]
+    m = torch.maximum(m, sink)
+    p = torch.exp(logits - m)
+    denom = p.sum(dim=-1, keepdim=True) + torch.exp(sink - m)
+    out = torch.matmul(p, keys.unsqueeze(-3))                                  # [..., H, s, D]
+    if comp is not None:
+        pc = torch.exp(comp - m)
+        denom = denom + pc.sum(dim=-1, keepdim=True)
+        out = out + torch.matmul(pc, entries.unsqueeze(-3))
+    return out / denom
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
@@ -46,6 +72,7 @@ class Attention(nn.Module):
         self.wo_a = nn.Linear(H * D // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank, bias=False)
         self.wo_b = nn.Linear(cfg.o_groups * cfg.o_lora_rank, cfg.hidden_size, bias=False)
         self.attn_sink = nn.Parameter(torch.zeros(H))
+        self.prefill_attention = None   # prefill_compiled.PrefillAttention (the DenseModel's), or None
         self.compressor: Compressor | None = None
         self.indexer: Indexer | None = None
         if self.layer_type == HCA:
@@ -183,30 +210,12 @@ class Attention(nn.Module):
         return out
 
     def _attend(self, q, keys, key_ok, entries, entry_ok) -> torch.Tensor:
-        """Sink-aware softmax attention over two key sets without concatenating them.
-
-        q [..., H, s, D]; keys [..., kw, D] with key_ok [..., s, kw]; entries [..., N, D] with
-        entry_ok [..., s, N] (or None). probs = exp(l - m) / (Σ exp(l - m) + exp(sink - m)),
-        m = max(all logits, sink); values are the keys themselves (K = V)."""
-        scale = self.head_dim ** -0.5
-        logits = torch.matmul(q, keys.unsqueeze(-3).transpose(-1, -2)) * scale    # [..., H, s, kw]
-        logits = logits.masked_fill(~key_ok.unsqueeze(-3), float("-inf"))
-        m = logits.amax(dim=-1, keepdim=True)
-        comp = None
-        if entries is not None:
-            comp = torch.matmul(q, entries.unsqueeze(-3).transpose(-1, -2)) * scale  # [..., H, s, N]
-            comp = comp.masked_fill(~entry_ok.unsqueeze(-3), float("-inf"))
-            m = torch.maximum(m, comp.amax(dim=-1, keepdim=True))
-        sink = self.attn_sink.to(q.dtype).view(-1, 1, 1)                          # [H, 1, 1]
-        m = torch.maximum(m, sink)
-        p = torch.exp(logits - m)
-        denom = p.sum(dim=-1, keepdim=True) + torch.exp(sink - m)
-        out = torch.matmul(p, keys.unsqueeze(-3))                                  # [..., H, s, D]
-        if comp is not None:
-            pc = torch.exp(comp - m)
-            denom = denom + pc.sum(dim=-1, keepdim=True)
-            out = out + torch.matmul(pc, entries.unsqueeze(-3))
-        return out / denom
+        """`attend` for one query block of a prefill segment (compiled where `prefill_attention`,
+        set by the owning DenseModel, runs it: large blocks on GPUs)."""
+        fn = attend
+        if self.prefill_attention is not None and self.prefill_attention.can_run(q):
+            fn = self.prefill_attention
+        return fn(q, keys, key_ok, entries, entry_ok, self.attn_sink, self.head_dim ** -0.5)
 
     def _visible(self, positions, num_entries: int, st: LayerState, idx_q, idx_w) -> torch.Tensor:
         """[S, N] bool: causal entries, and in CSA layers only the indexer's top-k of them."""

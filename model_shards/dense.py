@@ -30,7 +30,7 @@ from .cpu_kernels import linear
 from .fused import Sinkhorn
 from .moe import Gate, SharedExpert
 from .mhc import hc_args, hc_merge, hc_weights
-from .mhc_prefill import PrefillMHC
+from .prefill_compiled import PrefillAttention, PrefillMHC
 from .ops import linear_f32, rms_norm, rope_cis, rope_inv_freq
 from .regions import DecodeRegions
 from .state import SequenceState
@@ -93,6 +93,9 @@ class DenseModel(nn.Module):
         self.sinkhorn = Sinkhorn()                 # mHC's Sinkhorn (fused on GPUs)
         self.regions = DecodeRegions(is_enabled=False)   # compiled decode regions (off until enabled)
         self.prefill_mhc = PrefillMHC()            # mHC of large eager steps, compiled (GPUs)
+        self.prefill_attention = PrefillAttention()   # large prefill query blocks' attention, compiled (GPUs)
+        for block in self.layers:
+            block.attn.prefill_attention = self.prefill_attention
         self.register_buffer("main_inv_freq", rope_inv_freq(cfg.main_rope, cfg.qk_rope_head_dim), persistent=False)
         self.register_buffer("compress_inv_freq", rope_inv_freq(cfg.compress_rope, cfg.qk_rope_head_dim), persistent=False)
 
@@ -109,6 +112,12 @@ class DenseModel(nn.Module):
         if self.state_pool is None or self.state_pool.dtype != self.dtype or self.state_pool.device != self.device:
             self.state_pool = StatePool(self.cfg, self.dtype, self.device)
         return self.state_pool.new_state()
+
+    def warm_up_prefill(self) -> None:
+        """Compile prefill's compiled pieces now (GPUs; nothing elsewhere): engines call it at
+        start, so that the first prompt does not wait for the compiler."""
+        self.prefill_mhc.warm_up(self)
+        self.prefill_attention.warm_up(self)
 
     # ---- step API ----------------------------------------------------------------------------
     def begin_step(self, states: list[SequenceState], token_ids: list[torch.Tensor],

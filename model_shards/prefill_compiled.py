@@ -1,5 +1,11 @@
-"""PrefillMHC: mHC's weights and merge for large eager steps on GPUs (prefill chunks), compiled
-into a few fused kernels (a transform in the gpt-fast sense: the math stays mhc.py's).
+"""Prefill's elementwise-heavy pieces compiled on GPUs (transforms in the gpt-fast sense: the math
+stays in mhc.py and attention.py): PrefillMHC (mHC's weights and merge of large eager steps) and
+PrefillAttention (the sink-aware softmax attention of a large query block).
+
+PrefillAttention: eagerly, `attention.attend` over a 1024-query block is ~20 kernels, most of
+them full passes over the [H, s, keys] logits (scale, mask, max, subtract, exp, sum, in bf16 and
+fp32); compiled, the two matmuls per key set stay cuBLAS calls and the rest fuses into a few
+reductions. Same math, summation order aside.
 
 Why: eagerly, a prefill step's mHC is a chain of full passes over the [T, hc, hidden] residual and
 batched matmuls of T tiny products. Profiled on an H100 (medium preset, bf16, one 8K-token
@@ -18,7 +24,8 @@ regions) and CPUs are not affected. Compiled with the token dimension dynamic (o
 process, ~10-30 s at the first prefill on a GPU); if compiling fails it warns once and the eager
 path runs (`Compiled`).
 
-Owns: its two compiled functions (one PrefillMHC per DenseModel).
+Owns: each class its compiled functions (one of each per DenseModel, which hands its
+PrefillAttention to its Attention layers).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from __future__ import annotations
 import torch
 
 from .fused import Compiled
+from .attention import attend
 from .mhc import hc_args, hc_merge, hc_weights
 from .ops import sinkhorn_rows
 
@@ -84,3 +92,45 @@ class PrefillMHC:
         """[T, hidden], [T, hc, hidden] -> [T, hc, hidden] (mhc.hc_merge)."""
         self.num_calls += 1
         return self._merge(out, h, post, comb)
+
+
+class PrefillAttention:
+    """`attention.attend`, compiled, for query blocks of >= `min_tokens` queries on `device_types`
+    (default CUDA only): `can_run(q)`. Called as `attend` is."""
+
+    def __init__(self, is_enabled: bool = True, device_types: tuple[str, ...] = ("cuda",),
+                 min_tokens: int = MIN_TOKENS):
+        self.is_enabled = is_enabled
+        self.device_types = device_types
+        self.min_tokens = min_tokens
+        self.num_calls = 0   # compiled calls made (tests and profiles)
+        self._attend = Compiled(attend, dynamic_dims={"q": (1,), "keys": (0,), "key_ok": (0, 1), "entries": (0,),
+                                                      "entry_ok": (0, 1)})
+
+    def can_run(self, q: torch.Tensor) -> bool:
+        """q [H, s, D]: a block of s queries."""
+        return (self.is_enabled and q.device.type in self.device_types and q.shape[-2] >= self.min_tokens
+                and not torch.compiler.is_compiling())
+
+    def __call__(self, q, keys, key_ok, entries, entry_ok, sink, scale: float) -> torch.Tensor:
+        self.num_calls += 1
+        return self._attend(q, keys, key_ok, entries, entry_ok, sink, scale)
+
+    @torch.no_grad()
+    def warm_up(self, dense) -> None:
+        """Compile now, with and without compressed entries (throwaway blocks of `min_tokens`
+        queries laid out as `Attention._attend_segment` passes them), so that the first prompt
+        does not wait. Does nothing where `can_run` would never hold."""
+        if not self.is_enabled or dense.device.type not in self.device_types:
+            return
+        cfg, s = dense.cfg, self.min_tokens
+        H, D = cfg.num_attention_heads, cfg.head_dim
+        zeros = dict(dtype=dense.dtype, device=dense.device)
+        q = torch.zeros(s, H, D, **zeros).transpose(0, 1)                       # [H, s, D], as sliced there
+        keys = torch.zeros(s + 8, D, **zeros)
+        key_ok = torch.ones(s, s + 8, dtype=torch.bool, device=dense.device)
+        entries = torch.zeros(8, D, **zeros)
+        entry_ok = torch.ones(s, 8, dtype=torch.bool, device=dense.device)
+        sink = dense.layers[0].attn.attn_sink
+        self(q, keys, key_ok, None, None, sink, D ** -0.5)
+        self(q, keys, key_ok, entries, entry_ok, sink, D ** -0.5)

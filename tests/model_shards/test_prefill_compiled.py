@@ -1,15 +1,17 @@
-"""PrefillMHC (model_shards/mhc_prefill.py): mHC's weights and merge of prefill steps, compiled.
-On GPUs it is on by default; here it is turned on for CPUs (Inductor's C++ backend) to check
-that the compiled functions give the eager step's logits, that they run for steps with a prefill
-segment only (decode-only steps stay eager: CUDA graphs capture those), and that the states the
-steps leave behind carry on alike."""
+"""model_shards/prefill_compiled.py: mHC's weights and merge of prefill steps (PrefillMHC) and the
+attention of large prefill query blocks (PrefillAttention), compiled. On GPUs they are on by
+default; here they are turned on for CPUs (Inductor's C++ backend) to check that the compiled
+functions give the eager step's logits, that they run for steps with a prefill segment only
+(decode-only steps stay eager: CUDA graphs capture those), that the states the steps leave
+behind carry on alike, and that warming up compiles what later prefills use."""
 
 from __future__ import annotations
 
 import torch
 
 from factories import RTOL, random_ids, random_model, rel_err
-from model_shards.mhc_prefill import PrefillMHC
+from model_shards.attention import Attention
+from model_shards.prefill_compiled import PrefillMHC
 
 
 def test_compiled_prefill_mhc_gives_the_eager_steps_logits(tmp_path):
@@ -67,3 +69,34 @@ def test_small_steps_and_other_devices_stay_eager(tmp_path):
     assert not PrefillMHC(device_types=("cpu",), min_tokens=1, is_enabled=False).can_run(h, batch)
     batch.prefill_segments = []
     assert not PrefillMHC(device_types=("cpu",), min_tokens=1).can_run(h, batch)
+
+
+def test_compiled_prefill_attention_gives_the_eager_steps_logits(tmp_path, monkeypatch):
+    """Query blocks of >= min_tokens queries go through the compiled `attend` (windows alone,
+    and windows with compressed entries, chosen by the indexer or not); smaller blocks, and the
+    eager model, through `attend` itself."""
+    from torch._dynamo.utils import counters
+    monkeypatch.setattr(Attention, "QUERY_BLOCK", 32)
+    eager = random_model(tmp_path / "a")
+    compiled = random_model(tmp_path / "b")
+    attention = compiled.dense.prefill_attention
+    attention.device_types, attention.min_tokens = ("cpu",), 32
+    attention.warm_up(compiled.dense)
+    graphs_after_warm_up = counters["stats"]["unique_graphs"]
+    assert attention.num_calls == 2
+    vocab = eager.config.vocab_size
+    prompts = [random_ids(150, vocab, seed=7), random_ids(20, vocab, seed=8)]
+    with torch.no_grad():
+        runs = {}
+        for name, model in (("eager", eager), ("compiled", compiled)):
+            states = [model.new_state() for _ in prompts]
+            prefill = model.step(states, prompts, all_logits=True)
+            decode = model.step(states, [random_ids(1, vocab, seed=9), random_ids(1, vocab, seed=10)])
+            runs[name] = (prefill, decode)
+    # 150 tokens: 4 full blocks of 32 (and one of 22) in each of the 4 layers; the 20-token prompt: none
+    assert attention.num_calls == 2 + 4 * eager.config.num_layers
+    assert counters["stats"]["unique_graphs"] == graphs_after_warm_up   # the warmed-up graphs served them
+    assert eager.dense.prefill_attention.num_calls == 0
+    for got_step, want_step in zip(runs["compiled"], runs["eager"]):
+        for got, want in zip(got_step, want_step):
+            assert rel_err(got, want) <= RTOL
