@@ -12,7 +12,10 @@ head; and the step API the serving router drives layer by layer:
     logits = dense.finish_step(h, batch)                 # hc_head -> norm -> head; states advance
 
 The residual streams are mHC's (model_shards/mhc.py). Also owns `regions` (regions.DecodeRegions,
-off unless enabled): when on, decode-only pooled steps run these same calls as compiled regions.
+off unless enabled): when on, decode-only pooled steps run these same calls as compiled regions;
+and `prefill_mhc` / `prefill_attention` (prefill_compiled.py; on for CUDA): steps with a prefill
+segment run mHC, and large query blocks their attention, as compiled functions (every Attention
+layer holds a reference to the one `prefill_attention`; `warm_up_prefill` compiles both).
 """
 
 from __future__ import annotations
