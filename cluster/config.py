@@ -60,6 +60,7 @@ class ServeConfig:
     kv_block_tokens: int = 128
     kv_checkpoint_tokens: int = 4096
     kv_fp8: bool = False
+    kv_restore_threads: int = 0              # threads of a restore's verify + copy; 0: min(4, usable CPUs)
     # API
     api_key: str | None = None               # required as Bearer / x-api-key when set
     max_body_bytes: int = 8 << 20
@@ -100,7 +101,7 @@ class ServeConfig:
                      "max_n", "affinity_tokens", "kv_checkpoint_tokens"):
             check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("num_expert_shards", "max_num_waiting", "max_model_len", "kv_device_bytes",
-                     "engine_num_cpus", "engine_num_gpus", "ingress_num_cpus"):
+                     "engine_num_cpus", "engine_num_gpus", "ingress_num_cpus", "kv_restore_threads"):
             check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         check(self.kv_block_tokens >= 128 and self.kv_block_tokens % 128 == 0,
               f"kv_block_tokens must be a positive multiple of 128, got {self.kv_block_tokens}")
@@ -146,7 +147,8 @@ class ServeConfig:
 
     def kv_options(self) -> dict:
         return dict(device_bytes=self.kv_device_bytes, block_tokens=self.kv_block_tokens,
-                    checkpoint_tokens=self.kv_checkpoint_tokens, is_fp8=self.kv_fp8)
+                    checkpoint_tokens=self.kv_checkpoint_tokens, is_fp8=self.kv_fp8,
+                    restore_threads=self.kv_restore_threads or None)
 
     def resolve_model_path(self) -> str:
         """The checkpoint directory, generating the embedded tiny checkpoint if none is set."""

@@ -1,5 +1,6 @@
 """Every bad input gets the right status and the API's own error body; the server keeps serving."""
 
+import os
 import httpx
 import openai
 import pytest
@@ -158,6 +159,24 @@ def test_test_hooks_off_by_default(tiny_ckpt):
     with pytest.raises(ConfigError, match="served_model_names"):
         ServeConfig.from_args({"served_model_names": ["deepseek-chat"]})
     assert ServeConfig.from_args({"served_model_names": "deepseek-v4-pro"}).served_model_names == ("deepseek-v4-pro",)
+    with pytest.raises(ConfigError, match="kv_restore_threads must be >= 0"):
+        ServeConfig.from_args({"kv_restore_threads": -1})
+
+
+def test_kv_restore_threads_reach_the_kv_service(tmp_path):
+    from actors.engine_prefix import KVServicePrefixCache
+    from cluster.config import ServeConfig
+    from model_shards.random_checkpoint import PRESETS
+
+    for args, expected in (({}, None), ({"kv_restore_threads": 3}, 3)):
+        options = ServeConfig.from_args(args).kv_options()
+        assert options["restore_threads"] == expected
+        cache = KVServicePrefixCache.build(PRESETS["tiny"], "fp", redis_url=None, disk_dir=str(tmp_path), options=options)
+        try:
+            assert cache.service.config.restore_threads == expected
+            assert cache.service.config.num_restore_threads == (expected or min(4, len(os.sched_getaffinity(0))))
+        finally:
+            cache.close()
 
 
 def test_device_and_dtype_options():
