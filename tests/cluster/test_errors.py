@@ -1,6 +1,7 @@
 """Every bad input gets the right status and the API's own error body; the server keeps serving."""
 
 import os
+
 import httpx
 import openai
 import pytest
