@@ -318,7 +318,8 @@ def bench_restore(num_tokens: int, repeats: int, url: str, tmp: Path, preset: st
 def restorers(svc, model, tokens):
     """(ours, eager): the deferred lookup + import (each record verified right before its rows
     are copied once into the state's pages, kvcache/restore.py), and the lookup that assembles the
-    state dict, then the same import (two copies; actors/ uses it). Each returns (hit, state)."""
+    state dict, then the same import (two copies; the engine used it before the deferred restore). Each
+    returns (hit, state)."""
     def ours():
         hit = svc.lookup(tokens, is_deferred=True)
         return hit, import_state(model, hit)
@@ -334,7 +335,8 @@ def restore_results(svc, model, tier: str, tokens, state, repeats: int, raws: di
     """Our restore (lookup + import into a pooled state of `model`), then one row per raw reader
     (the first row also without one). Ours is the deferred lookup (each record verified right
     before its rows are copied once into the state's pages, kvcache/restore.py); "eager" is the
-    lookup that assembles the state dict, then the same import (two copies; actors/ uses it)."""
+    lookup that assembles the state dict, then the same import (two copies; the engine, actors/engine_prefix.py,
+    uses the deferred one)."""
     ours, eager = restorers(svc, model, tokens)
 
     runs = best_interleaved({"ours": ours, "eager": eager, **raws}, repeats)
