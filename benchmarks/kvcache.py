@@ -26,7 +26,7 @@ timings are the best of several runs except the cold 32K prefill (one run). Sect
   model (``model.new_state()`` from its StatePool, then the load: each record's checksum pass,
   then its rows copied once, straight into the pool's pages); the state is checked bitwise.
   "eager" (a column) is the lookup that assembles the state dict plus the same import (two
-  copies; the path actors/ uses). Each preset and size has its own fingerprint and directory, and
+  copies; the engine restores through the deferred one). Each preset and size has its own fingerprint and directory, and
   the readers run interleaved in a rotating order (see `best_interleaved`).
 - bytes_per_token: from the state layout (kvcache/footprint.py), no weights: the tiny preset and
   the V4-Flash config (``ModelConfig.from_dict({})``: 43 layers, head_dim 512, ...), as computed
