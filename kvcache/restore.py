@@ -21,8 +21,9 @@ one write per byte, as a plain ``read()`` of the file, and a fixed cost per load
 per record. The kernel shares the records out over `num_threads` threads (whole records, about
 equal bytes, >= 1 MiB each; ``KVCacheConfig.restore_threads``, default min(4, usable CPUs)):
 one core's copy is bound by its own load / store throughput, not by the memory system (12.9 MB
-on 2 cores: 1.2 -> 0.7 ms); each record's sums do not depend on how they are shared out. Already verified records are plain copies, records with another checksum keep
-their own checksum pass; without a C compiler (warned once) every record does. The
+on 2 cores: 1.2 -> 0.7 ms); each record's sums do not depend on how they are shared out.
+Already verified records are plain copies (over the same threads), records with another
+checksum keep their own checksum pass; without a C compiler (warned once) every record does. The
 DeferredStates a restore plan hands out (restore_plan.py) share `caches`: the engine state's
 `LoadPlan` (its checks and copy plan, ``SequenceState.plan_load``) and the kernel's copy layout,
 made at the first load and used by every replay's.
