@@ -3,12 +3,14 @@
     python benchmarks/decode_profile.py [--preset small] [--checkpoint DIR] [--batches 1,8]
         [--dtype float32|bfloat16] [--steps 3] [--graphs] [--out FILE]
     python benchmarks/decode_profile.py --prefill 4x2048,1x8192 [--batches ""]   # prefill steps too
+        [--eager-mhc] [--eager-attention] [--key-align 1]   # prefill_compiled.py's pieces off (A/B)
 
 One process holding every expert (DeepseekV4), on CUDA when available. For each batch size: the
 sequences get a 256-token prompt, then `--steps` decode steps run under torch.profiler; reports per
 step the wall time, the number of aten operators launched from Python, CUDA kernels launched and
 their summed GPU time, cudaStreamSynchronize / cudaMemcpyAsync calls, and the operators with the
-most self CPU time. Prints JSON (also to --out, default $OUT/decode_profile.json when $OUT is set);
+most self CPU time. Also the seconds `DenseModel.warm_up_prefill` took (the compile engines do at
+start on GPUs: `prefill_warm_up_s`). Prints JSON (also to --out, default $OUT/decode_profile.json when $OUT is set);
 appends nothing to RESULTS.md (a diagnostic, not a target).
 """
 
@@ -159,10 +161,13 @@ def main() -> None:
     if args.regions:
         from model_shards.regions import DecodeRegions
         model.dense.regions = DecodeRegions()
+    t0 = time.perf_counter()
+    model.dense.warm_up_prefill()   # what engines compile at start (GPUs; nothing on CPUs)
+    warm_up_s = time.perf_counter() - t0
     result = {"preset": args.preset, "device": device, "graphs": args.graphs, "regions": args.regions,
               "prefill_mhc": model.dense.prefill_mhc.is_enabled,
               "prefill_attention": model.dense.prefill_attention.is_enabled, "key_align_gpu": key_align_gpu(),
-              "dtype": str(dtype).removeprefix("torch."),
+              "dtype": str(dtype).removeprefix("torch."), "prefill_warm_up_s": round(warm_up_s, 2),
               "num_layers": cfg.num_layers, "threads": torch.get_num_threads(), "decode": {}}
     for shape in filter(None, args.prefill.split(",")):
         num_seqs, length = (int(x) for x in shape.split("x"))
