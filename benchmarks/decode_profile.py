@@ -28,6 +28,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model_shards import DeepseekV4, ModelConfig  # noqa: E402
+from model_shards.attention import Attention  # noqa: E402
 from model_shards.random_checkpoint import generate  # noqa: E402
 
 
@@ -121,11 +122,6 @@ def profile_prefill(model: DeepseekV4, num_seqs: int, length: int, steps: int, d
             **summarize(prof, 1, device)}
 
 
-def key_align_gpu() -> int:
-    from model_shards.attention import Attention
-    return Attention.KEY_ALIGN_GPU
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="small")
@@ -156,7 +152,6 @@ def main() -> None:
     if args.eager_attention:
         model.dense.prefill_attention.is_enabled = False
     if args.key_align is not None:
-        from model_shards.attention import Attention
         Attention.KEY_ALIGN_GPU = args.key_align
     if args.regions:
         from model_shards.regions import DecodeRegions
@@ -166,7 +161,7 @@ def main() -> None:
     warm_up_s = time.perf_counter() - t0
     result = {"preset": args.preset, "device": device, "graphs": args.graphs, "regions": args.regions,
               "prefill_mhc": model.dense.prefill_mhc.is_enabled,
-              "prefill_attention": model.dense.prefill_attention.is_enabled, "key_align_gpu": key_align_gpu(),
+              "prefill_attention": model.dense.prefill_attention.is_enabled, "key_align_gpu": Attention.KEY_ALIGN_GPU,
               "dtype": str(dtype).removeprefix("torch."), "prefill_warm_up_s": round(warm_up_s, 2),
               "num_layers": cfg.num_layers, "threads": torch.get_num_threads(), "decode": {}}
     for shape in filter(None, args.prefill.split(",")):

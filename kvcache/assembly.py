@@ -36,6 +36,7 @@ class CorruptRecord(Exception):
 class StateAssembler:
     def __init__(self, stack: TierStack, entry_rates: dict[str, int], config: KVCacheConfig):
         self.stack, self.entry_rates, self.config = stack, entry_rates, config
+        self.num_restore_threads = config.num_restore_threads   # (once: it asks the OS for the CPUs)
 
     def defer(self, pieces: list[tuple[Hit, int, int]], checkpoint: Record, position: int) -> DeferredState:
         """The state at `position` as row blocks viewing the records (restore.py); nothing is
@@ -64,7 +65,7 @@ class StateAssembler:
             raise ValueError(f"checkpoint holds {check.num_tokens} tokens")
         state = {name: blocks[name] + [t] if name in blocks else t for name, t in tensors.items()}
         return DeferredState(state, [hit for hit, _, _ in pieces], self.stack.settle, sources,
-                             num_threads=self.config.num_restore_threads)
+                             num_threads=self.num_restore_threads)
 
     def assemble(self, pieces: list[tuple[Hit, int, int]], checkpoint: Record, position: int
                   ) -> dict[str, torch.Tensor]:

@@ -147,6 +147,29 @@ static void* run_job(void* arg) {
 #define MIN_THREAD_BYTES (1 << 20)   /* below this per thread, a thread's start (~20-50 us) outweighs it */
 #define MAX_THREADS 16
 
+/* How many threads `num_bytes` of work in at most `max_parts` parts gets: <= num_threads,
+   MAX_THREADS and max_parts, >= MIN_THREAD_BYTES each, and at least 1. */
+static int64_t thread_count(int64_t num_threads, int64_t num_bytes, int64_t max_parts) {
+    int64_t t = num_threads < MAX_THREADS ? num_threads : MAX_THREADS;
+    if (t > max_parts) t = max_parts;
+    if (t > num_bytes / MIN_THREAD_BYTES) t = num_bytes / MIN_THREAD_BYTES;
+    return t < 1 ? 1 : t;
+}
+
+/* fn(job i) for the n jobs of `jobs` (each `size` bytes): job 0 on this thread, the others on
+   threads of their own (one that cannot start runs here after job 0); returns when all are done. */
+static void run_jobs(void* (*fn)(void*), void* jobs, size_t size, int64_t n) {
+    pthread_t threads[MAX_THREADS];
+    int is_started[MAX_THREADS] = {0};
+    for (int64_t i = 1; i < n; i++)
+        is_started[i] = pthread_create(&threads[i], 0, fn, (char*)jobs + i * size) == 0;
+    if (n > 0) fn(jobs);
+    for (int64_t i = 1; i < n; i++) {
+        if (is_started[i]) pthread_join(threads[i], 0);
+        else fn((char*)jobs + i * size);
+    }
+}
+
 /* The column sums of n records, copying their segments on the way: recs[4 r .. 4 r + 4) = (base,
    num_words, width, num_segs) of record r, its segments follow record r-1's in segs, its sums
    record r-1's in sums. Every record is checked first: 0, or -1 - r (nothing written) for the
@@ -164,13 +187,8 @@ int colsum64_copy_many(int64_t n, const int64_t* recs, uint64_t* sums, const int
         s += 3 * rec[3];
         total_words += rec[1];
     }
-    int64_t t = num_threads < MAX_THREADS ? num_threads : MAX_THREADS;
-    if (t > n) t = n;
-    if (t > 8 * total_words / MIN_THREAD_BYTES) t = 8 * total_words / MIN_THREAD_BYTES;
-    if (t < 1) t = 1;
+    int64_t t = thread_count(num_threads, 8 * total_words, n);
     job_t jobs[MAX_THREADS];
-    pthread_t threads[MAX_THREADS];
-    int is_started[MAX_THREADS] = {0};
     int64_t r = 0, words = 0, num_jobs = 0;
     s = segs;
     for (int64_t i = 0; i < t && r < n; i++) {   /* job i: records until (i + 1) / t of the words */
@@ -184,14 +202,7 @@ int colsum64_copy_many(int64_t n, const int64_t* recs, uint64_t* sums, const int
         } while (r < n && (i == t - 1 || words * t < total_words * (i + 1)));
         j->r1 = r;
     }
-    if (num_jobs == 0) return 0;
-    for (int64_t i = 1; i < num_jobs; i++)
-        is_started[i] = pthread_create(&threads[i], 0, run_job, &jobs[i]) == 0;
-    run_job(&jobs[0]);
-    for (int64_t i = 1; i < num_jobs; i++) {
-        if (is_started[i]) pthread_join(threads[i], 0);
-        else run_job(&jobs[i]);                   /* (no thread: done here) */
-    }
+    run_jobs(run_job, jobs, sizeof(job_t), num_jobs);
     return 0;
 }
 
@@ -217,23 +228,13 @@ static void* run_copy_job(void* arg) {
 void copy_segments(const int64_t* segs, int64_t num_segs, int64_t num_threads) {
     int64_t total = 0;
     for (int64_t k = 0; k < num_segs; k++) total += segs[3 * k + 1];
-    int64_t t = num_threads < MAX_THREADS ? num_threads : MAX_THREADS;
-    if (t > total / MIN_THREAD_BYTES) t = total / MIN_THREAD_BYTES;
-    if (t < 1) t = 1;
+    int64_t t = thread_count(num_threads, total, MAX_THREADS);
     copy_job_t jobs[MAX_THREADS];
-    pthread_t threads[MAX_THREADS];
-    int is_started[MAX_THREADS] = {0};
     for (int64_t i = 0; i < t; i++) {
         jobs[i].segs = segs; jobs[i].num_segs = num_segs;
         jobs[i].lo = total * i / t; jobs[i].hi = total * (i + 1) / t;
     }
-    for (int64_t i = 1; i < t; i++)
-        is_started[i] = pthread_create(&threads[i], 0, run_copy_job, &jobs[i]) == 0;
-    run_copy_job(&jobs[0]);
-    for (int64_t i = 1; i < t; i++) {
-        if (is_started[i]) pthread_join(threads[i], 0);
-        else run_copy_job(&jobs[i]);
-    }
+    run_jobs(run_copy_job, jobs, sizeof(copy_job_t), t);
 }
 """
 
