@@ -163,10 +163,13 @@ def launch(checkpoint_dir: str, num_expert_shards: int = 2, micro_batches: int =
            shard_resources: list[dict] | None = None, cpus_per_shard: float = 1.0,
            collective_timeout_s: float = 20.0, restart_timeout_s: float = 120.0, max_restarts: int = 3,
            placement_timeout_s: float = 60.0, cuda_graphs: bool = True, max_graph_batch: int = 256,
-           compiled_decode: bool = False, same_node_links: bool = True) -> EPRunner:
+           compiled_decode: bool = False, same_node_links: bool = True,
+           shard_cuda_graphs: bool | None = None) -> EPRunner:
     """Start N ExpertShard actors and a router in this process; see the module docstring.
     `compiled_decode`: the router's decode steps run its layers as compiled regions
-    (model_shards.regions; inside the graph segments on a GPU)."""
+    (model_shards.regions; inside the graph segments on a GPU). `cuda_graphs` (GPUs): the router's
+    decode steps replay graph segments, and the shards replay each layer's experts from graphs
+    (ShardSpec.cuda_graphs); `shard_cuda_graphs` sets the shards' part alone (A/B runs)."""
     if transport not in TRANSPORTS:
         raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
     if micro_batches < 1:
@@ -192,7 +195,8 @@ def launch(checkpoint_dir: str, num_expert_shards: int = 2, micro_batches: int =
     try:
         for k, ids in enumerate(assignment):
             spec = ShardSpec(k, os.path.abspath(checkpoint_dir), tuple(ids), dtype_name, "cuda" if is_gpu else "cpu",
-                             max(1, int(cpus_per_shard)))
+                             max(1, int(cpus_per_shard)),
+                             cuda_graphs if shard_cuda_graphs is None else shard_cuda_graphs, max_graph_batch)
             shards.append(ExpertShard.options(
                 scheduling_strategy=PlacementGroupSchedulingStrategy(placement.group, placement_group_bundle_index=k),
                 num_cpus=cpus_per_shard, num_gpus=1 if is_gpu else 0, max_restarts=max_restarts,

@@ -29,6 +29,9 @@ class ShardSpec:
     dtype: str = "float32"        # torch dtype name of the dequantized expert weights
     device: str = "cpu"           # "cpu" or "cuda" (the GPU Ray assigned to the actor)
     num_threads: int = 1          # torch intra-op threads of the shard process
+    cuda_graphs: bool = True      # GPU: every-token decode steps replay each layer's experts from a
+                                  # CUDA graph (model_shards/expert_graphs.py); False: eager
+    max_graph_rows: int = 256     # micro-batches of more tokens than this compute eagerly
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,7 @@ class GroupSpec:
     timeout_s: float              # per collective operation; bounds how long a lost peer can stall us
     link_name: str = ""           # same-node link listener of the router (actors/transport/links.py); "": none
     link_budget: int = 0          # bytes a link may hold unread per direction (Wire.link_micro_batches)
+    is_every_token: bool = False  # this shard gets every token of each micro-batch (transport.dense_shards)
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,7 @@ class StepReport:
     wait_s: float                 # time blocked waiting for dispatch messages
     is_aborted: bool = False      # the router aborted the step (another shard failed or the router raised)
     num_link_messages: int = 0    # dispatch messages that came over the same-node link (the rest: the group)
+    num_graph_replays: int = 0    # layers computed by replaying an ExpertGraphs graph (GPU, every token)
 
 
 @dataclass

@@ -4,7 +4,10 @@ Owns: one ExpertBank (the experts in ShardSpec.expert_ids, read from the checkpo
 else: the loader reads only those experts' tensors, memory-mapped, and the reader is dropped after
 loading so no other bytes stay mapped) and this process's membership of the router's
 torch.distributed group (one generation at a time), with its same-node link to the router when
-it has one (actors/transport/links.py).
+it has one (actors/transport/links.py). On a GPU (ShardSpec.cuda_graphs) also the bank's
+ExpertGraphs: a micro-batch that comes over NCCL to an every-token shard (GroupSpec.is_every_token)
+with at most max_graph_rows tokens is received straight into a graph's static input and computed
+by one replay per layer (model_shards/expert_graphs.py); other messages run the bank eagerly.
 
 Calls (all typed, actors/messages.py):
     ready() / info() -> ShardInfo     health + identity; runs in its own thread ("control"), so it
@@ -35,6 +38,7 @@ import torch
 
 from model_shards import ModelConfig
 from model_shards.checkpoint import CheckpointReader
+from model_shards.expert_graphs import ExpertGraphs
 from model_shards.loading import load_experts
 
 from .messages import (GroupJoined, GroupSpec, LayerRequest, LayerResult, ShardError, ShardInfo, ShardSpec, StepPlan,
@@ -116,6 +120,15 @@ class ExpertShard:
         self.group: Group | None = None
         self.link: links.Link | None = None
         self.wire: Wire | None = None
+        self.graphs: ExpertGraphs | None = None   # every-token decode steps over NCCL
+        if self.device.type == "cuda" and spec.cuda_graphs:
+            # the wire layout depends on the model alone, so the graphs outlive every group generation;
+            # their routing compiles now (ready() waits for it), not inside the first step
+            layout = Wire(None, "nccl", self.device, self.dtype, self.cfg.hidden_size, self.cfg.num_experts_per_tok,
+                          is_every_token=True)
+            self.graphs = ExpertGraphs(self.bank, layout.message_numel, layout.unpack_message, self.dtype,
+                                       self.device, spec.max_graph_rows)
+            self.graphs.warm_up()
         self._num_faults = 0
         with warnings.catch_warnings():  # the property reads a deprecated field internally (Ray 2.60)
             warnings.simplefilter("ignore")
@@ -144,11 +157,10 @@ class ExpertShard:
         """Test hook: the next `count` expert computations raise (a bug / OOM stand-in)."""
         self._num_faults = count
 
-    def _compute(self, layer_id: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def _check_faults(self) -> None:
         if self._num_faults > 0:
             self._num_faults -= 1
             raise RuntimeError(f"injected fault in expert shard {self.spec.shard_id} (debug_fail_computes)")
-        return self.bank(layer_id, x, expert_ids, weights)
 
     def join_group(self, spec: GroupSpec) -> GroupJoined:
         self._leave_group()
@@ -160,7 +172,8 @@ class ExpertShard:
         if spec.backend == "gloo" and self.device.type == "cpu":   # the router is reachable by a Unix socket?
             self.link = links.connect(spec.link_name, spec.rank, spec.generation, spec.link_budget, timeout_s)
         self.wire = Wire(self.group.pg, spec.backend, self.device, self.dtype, self.cfg.hidden_size,
-                         self.cfg.num_experts_per_tok, spec.link_budget if self.link is not None else 0)
+                         self.cfg.num_experts_per_tok, spec.link_budget if self.link is not None else 0,
+                         spec.is_every_token)
         return GroupJoined(spec.generation, self.link is not None)
 
     def _leave_group(self) -> None:
@@ -186,50 +199,61 @@ class ExpertShard:
         on_link = wire.link_micro_batches(caps) if link is not None else (False,) * len(caps)
         order = [(layer, m) for layer in plan.layer_ids for m in range(len(caps))]
         group_msgs = [i for i, (_, m) in enumerate(order) if not on_link[m]]   # indexes that come over the group
-        num_rows, num_linked, compute_s, wait_s = 0, 0, 0.0, 0.0
+        num_rows, num_linked, num_replays, compute_s, wait_s = 0, 0, 0, 0.0, 0.0
         sends, error, msg = [], None, ()
         num_posted = 0          # group recvs posted so far (group_msgs[:num_posted])
         recv = None
 
+        graphs = self.graphs if wire.is_every_token and not wire.is_sized_recv else None   # nccl, every token
+
         def post_next_group_recv():
             nonlocal recv, num_posted
             if num_posted < len(group_msgs):
-                recv = wire.post_dispatch(0, caps[order[group_msgs[num_posted]][1]])
+                m = order[group_msgs[num_posted]][1]
+                if graphs is not None and graphs.can_run(caps[m]):   # straight into the graph's input
+                    recv = wire.post_dispatch(0, caps[m], graphs.message(caps[m], m))
+                else:
+                    recv = wire.post_dispatch(0, caps[m])
                 num_posted += 1
 
         post_next_group_recv()
         for layer, m in order:
             is_linked = on_link[m]
             t0 = time.perf_counter()
+            in_graph = False
             if is_linked:
                 msg = wire.recv_dispatch(link, caps[m])
                 num_linked += 1
             else:
-                msg = recv.wait()
+                in_graph = graphs is not None and recv.buf is graphs.message(caps[m], m)
+                rows = recv.wait_rows()                  # the graph reads its input itself
+                msg = None if rows is None else rows if in_graph else wire.unpack(rows)
             wait_s += time.perf_counter() - t0
             if msg is None:  # ABORT: the router gave up on this step
                 break
             if not is_linked and wire.is_sized_recv:  # gloo: post the next recv now (sends go straight in)
                 post_next_group_recv()
-            x, expert_ids, weights = msg                 # [n, hidden], [n, k], [n, k]
-            if not x.shape[0]:
+            n = msg.shape[0] if in_graph else msg[0].shape[0]   # (x [n, hidden], ids [n, k], weights [n, k])
+            if not n:
                 if not is_linked and not wire.is_sized_recv:
                     post_next_group_recv()
                 continue
             t0 = time.perf_counter()
             if error is None:
-                try:
-                    out = self._compute(layer, x, expert_ids, weights)   # [n, hidden] partial sum, held experts
+                try:   # [n, hidden] partial sum over the held experts
+                    self._check_faults()
+                    out = graphs.run(layer, n, m) if in_graph else self.bank(layer, *msg)
+                    num_replays += in_graph
                 except Exception as e:  # keep the lockstep: answer NaN, re-raise after the plan
                     error = e
             if error is not None:
-                out = torch.full((x.shape[0], x.shape[1]), float("nan"), dtype=self.dtype, device=self.device)
+                out = torch.full((n, self.cfg.hidden_size), float("nan"), dtype=self.dtype, device=self.device)
             compute_s += time.perf_counter() - t0
             if is_linked:
                 wire.send_combine(0, out, link)
             else:
                 sends.append(wire.send_combine(0, out))
-            num_rows += x.shape[0]
+            num_rows += n
             if not is_linked and not wire.is_sized_recv:
                 # nccl: one stream per peer pair runs our ops in issue order, so the next recv goes
                 # after this send (posted before it, it would block the send the router waits for)
@@ -239,12 +263,12 @@ class ExpertShard:
         if error is not None:
             raise error
         return StepReport(self.spec.shard_id, plan.step_id, num_rows, compute_s, wait_s, is_aborted=msg is None,
-                          num_link_messages=num_linked)
+                          num_link_messages=num_linked, num_graph_replays=num_replays)
 
     # ---- Ray transport -----------------------------------------------------------------------
     @torch.no_grad()
     def compute(self, req: LayerRequest) -> LayerResult:
         t0 = time.perf_counter()
-        out = self._compute(req.layer_id, req.x.to(self.device), req.expert_ids.to(self.device),
-                            req.weights.to(self.device))
+        self._check_faults()
+        out = self.bank(req.layer_id, req.x.to(self.device), req.expert_ids.to(self.device), req.weights.to(self.device))
         return LayerResult(out.cpu(), time.perf_counter() - t0)

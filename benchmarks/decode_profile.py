@@ -136,6 +136,9 @@ def main() -> None:
                    help="prefill mHC eagerly (turns model_shards.prefill_compiled.PrefillMHC off: the earlier path)")
     p.add_argument("--eager-attention", action="store_true",
                    help="prefill attention eagerly (turns model_shards.prefill_compiled.PrefillAttention off)")
+    p.add_argument("--fp32-indexer", action="store_true",
+                   help="prefill indexer scores as a float32 GEMM (the earlier path; default on GPUs: bf16 "
+                        "operands, float32 accumulation)")
     p.add_argument("--key-align", type=int, default=None,
                    help="Attention.KEY_ALIGN_GPU (1: the unaligned window keys of the earlier path)")
     p.add_argument("--out", default=None)
@@ -151,6 +154,10 @@ def main() -> None:
         model.dense.prefill_mhc.is_enabled = False
     if args.eager_attention:
         model.dense.prefill_attention.is_enabled = False
+    if args.fp32_indexer:
+        for layer in model.dense.layers:
+            if layer.attn.indexer is not None:
+                layer.attn.indexer.is_half_gemm = False
     if args.key_align is not None:
         Attention.KEY_ALIGN_GPU = args.key_align
     if args.regions:
@@ -162,6 +169,7 @@ def main() -> None:
     result = {"preset": args.preset, "device": device, "graphs": args.graphs, "regions": args.regions,
               "prefill_mhc": model.dense.prefill_mhc.is_enabled,
               "prefill_attention": model.dense.prefill_attention.is_enabled, "key_align_gpu": Attention.KEY_ALIGN_GPU,
+              "half_gemm_indexer": not args.fp32_indexer,
               "dtype": str(dtype).removeprefix("torch."), "prefill_warm_up_s": round(warm_up_s, 2),
               "num_layers": cfg.num_layers, "threads": torch.get_num_threads(), "decode": {}}
     for shape in filter(None, args.prefill.split(",")):

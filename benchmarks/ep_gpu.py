@@ -40,13 +40,13 @@ class Bench:
     """Runs inside the router's actor: launch() there, then time steps."""
 
     def __init__(self, path: str, num_shards: int, dtype: str, is_gpu: bool, transport: str = "collective",
-                 cuda_graphs: bool = True, compiled_decode: bool = False):
+                 cuda_graphs: bool = True, compiled_decode: bool = False, shard_graphs: bool = True):
         from actors.launch import launch
         self.dtype = getattr(torch, dtype)
         self.is_gpu = is_gpu
         self.runner = launch(path, num_expert_shards=num_shards, dtype=self.dtype,
                              device="cuda" if is_gpu else "cpu", transport=transport, cuda_graphs=cuda_graphs,
-                             compiled_decode=compiled_decode)
+                             compiled_decode=compiled_decode, shard_cuda_graphs=shard_graphs)
         self.cfg = self.runner.config
 
     def _sync(self) -> None:
@@ -72,7 +72,7 @@ class Bench:
         states = [r.new_state() for _ in range(batch)]
         self._prefill(states, self._prompts(batch, context, batch), max_prefill)
         gen = torch.Generator().manual_seed(1)
-        times, dense, wait, shard_compute = [], [], [], []
+        times, dense, wait, shard_compute, replays = [], [], [], [], []
         transport = r.router.transport
         for i in range(steps + 1):
             compute0 = getattr(transport, "compute_s", 0.0)
@@ -86,12 +86,15 @@ class Bench:
                 dense.append(r.last_timing.dense_s)
                 wait.append(r.last_timing.wait_s)
                 if hasattr(transport, "step_reports"):   # collective: the shards' StepReports
-                    shard_compute.append(max(rep.compute_s for rep in transport.step_reports()))
+                    reports = transport.step_reports()
+                    shard_compute.append(max(rep.compute_s for rep in reports))
+                    replays.append(sum(rep.num_graph_replays for rep in reports))
                 else:                                    # ray: slowest shard per layer, summed
                     shard_compute.append(transport.compute_s - compute0)
         kv_bytes = sum(s.num_bytes() for s in states)
         return {"step_ms": _ms(times), "router_dense_ms": _ms(dense), "router_wait_ms": _ms(wait),
-                "shard_compute_ms": _ms(shard_compute), "kv_bytes": kv_bytes}
+                "shard_compute_ms": _ms(shard_compute), "kv_bytes": kv_bytes,
+                "shard_graph_replays_per_step": max(replays) if replays else 0}
 
     def prefill(self, num_seqs: int, tokens: int, micro_batches: int, repeats: int) -> dict:
         r = self.runner
@@ -160,6 +163,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-overlap-decode", action="store_true", help="decode with micro_batches=1 only")
     p.add_argument("--transport", default="collective", choices=("collective", "ray"))
     p.add_argument("--no-graphs", action="store_true", help="router decode steps eager (no CUDA-graph segments)")
+    p.add_argument("--no-expert-graphs", action="store_true",
+                   help="shards compute every layer eagerly (no model_shards.expert_graphs replays)")
     p.add_argument("--no-compiled-decode", action="store_true",
                    help="router decode layers as eager modules (default on GPUs with graphs: compiled regions, "
                         "model_shards.regions, as `dsv4 serve --compiled-decode auto`)")
@@ -215,9 +220,11 @@ def main(argv: list[str] | None = None) -> dict:
     compiled_decode = is_gpu and not args.no_graphs and not args.no_compiled_decode
     actor = ray.remote(num_gpus=1 if is_gpu else 0, num_cpus=1)(Bench).remote(path, num_shards, dtype, is_gpu,
                                                                                      args.transport, not args.no_graphs,
-                                                                                     compiled_decode)
+                                                                                     compiled_decode,
+                                                                                     not args.no_expert_graphs)
     result: dict = {"preset": preset, "dtype": dtype, "num_shards": num_shards, "device": "cuda" if is_gpu else "cpu",
                     "transport": args.transport, "shared_gpu": args.share_gpu, "router_graphs": not args.no_graphs,
+                    "shard_graphs": not args.no_expert_graphs,
                     "router_compiled_decode": compiled_decode,
                     "context": context, "machine": machine(), "load_avg_1m_at_start": round(os.getloadavg()[0], 2), "decode": {}, "prefill": {}}
     _progress(t_start, f"router actor started ({num_shards} shards, launching)")

@@ -1,10 +1,14 @@
 """The expert-parallel router's dense work on one GPU, eager vs CUDA-graph segments.
 
     python benchmarks/router_gpu.py [--preset medium] [--checkpoint DIR] [--batches 1,64,256] [--no-append]
+        [--regions] [--banks N] [--expert-graphs] [--no-eager] [--micro-batches 1,2]
 
-Router (actors.router) + LocalTransport with every expert in one in-process ExpertBank on the same
-GPU: no Ray and no NCCL, so the step is the router's own work (embedding, attention, mHC, gates,
-shared experts, head) plus the experts, with micro_batches 1 and 2. For each batch: step time and
+Router (actors.router) + LocalTransport with the experts in N in-process ExpertBanks (default one
+holding every expert) on the same GPU: no Ray and no NCCL, so the step is the router's own work
+(embedding, attention, mHC, gates, shared experts, head) plus the experts, with micro_batches 1
+and 2. `--expert-graphs`: every bank gets every token and computes each layer by one replay of
+model_shards.expert_graphs (as an every-token shard does over NCCL); otherwise the banks run
+eagerly (a host sync per layer with several banks). For each batch: step time and
 the router's dense time eager and with `model_shards.segment_graphs.SegmentGraphs`, and whether a
 replayed step gives bitwise the logits of the same segments run uncaptured (deterministic kernels,
 identical states). A stand-in for `ep_gpu.py` when only one GPU is lent: the dense part is what
@@ -27,18 +31,22 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import decode_floor, emit, machine  # noqa: E402
 
 
-def make_router(path: str, micro_batches: int, graphs: bool, is_captured: bool = True, is_regions: bool = False):
+def make_router(path: str, micro_batches: int, graphs: bool, is_captured: bool = True, is_regions: bool = False,
+                num_banks: int = 1, expert_graphs: bool = False):
     from actors.router import Router
     from actors.transport.local import LocalTransport
     from model_shards import ModelConfig
     from model_shards.checkpoint import CheckpointReader
     from model_shards.loading import load_dense, load_experts
+    from actors.placement import owner_table, split_experts
     from model_shards.segment_graphs import SegmentGraphs
     cfg = ModelConfig.from_json(path)
     reader = CheckpointReader(path)
     dense = load_dense(cfg, reader, torch.bfloat16, "cuda")
-    bank = load_experts(cfg, reader, list(range(cfg.n_routed_experts)), torch.bfloat16, "cuda")
-    router = Router(dense, LocalTransport([bank], [0] * cfg.n_routed_experts), micro_batches)
+    assignment = split_experts(cfg.n_routed_experts, num_banks)
+    banks = [load_experts(cfg, reader, ids, torch.bfloat16, "cuda") for ids in assignment]
+    transport = LocalTransport(banks, owner_table(assignment, cfg.n_routed_experts), expert_graphs=expert_graphs)
+    router = Router(dense, transport, micro_batches)
     if graphs:
         router.graphs = SegmentGraphs(dense, is_captured=is_captured)
     if is_regions:   # compiled decode regions inside the segments (model_shards.regions)
@@ -101,6 +109,11 @@ def main() -> None:
     p.add_argument("--batches", default="1,64,256")
     p.add_argument("--regions", action="store_true", help="graph segments built from compiled decode regions")
     p.add_argument("--micro-batches", default="1,2")
+    p.add_argument("--banks", type=int, default=1, help="experts split over this many in-process banks (shards)")
+    p.add_argument("--expert-graphs", action="store_true",
+                   help="every bank gets every token and replays each layer from model_shards.expert_graphs "
+                        "(what an every-token shard does over NCCL)")
+    p.add_argument("--no-eager", action="store_true", help="skip the eager-router baseline")
     p.add_argument("--no-append", action="store_true")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -110,15 +123,19 @@ def main() -> None:
     if not os.path.exists(os.path.join(path, "config.json")):
         generate(path, args.preset, "hf", "none", seed=0, dtype=torch.bfloat16, with_mtp=False)
     prompt = torch.randint(0, 1000, (1024,), generator=torch.Generator().manual_seed(0))
-    result: dict = {"preset": args.preset, "machine": machine(), "regions": args.regions, "decode": {}}
+    result: dict = {"preset": args.preset, "machine": machine(), "regions": args.regions, "banks": args.banks,
+                    "expert_graphs": args.expert_graphs, "decode": {}}
     model = DeepseekV4.from_pretrained(path, dtype=torch.bfloat16, device="cuda", load_mtp=False)
     floors = {b: decode_floor(model, b)["floor_ms"] for b in (int(x) for x in args.batches.split(","))}
     del model
     for micro_batches in (int(m) for m in args.micro_batches.split(",")):
-        eager = make_router(path, micro_batches, False)
-        graphs = make_router(path, micro_batches, True, is_regions=args.regions)
+        eager = None if args.no_eager else make_router(path, micro_batches, False, num_banks=args.banks)
+        graphs = make_router(path, micro_batches, True, is_regions=args.regions, num_banks=args.banks,
+                             expert_graphs=args.expert_graphs)
         for batch, floor in floors.items():
-            row = {"eager": decode(eager, batch, prompt), "graphs": decode(graphs, batch, prompt), "floor_ms": floor}
+            row = {"graphs": decode(graphs, batch, prompt), "floor_ms": floor}
+            if eager is not None:
+                row["eager"] = decode(eager, batch, prompt)
             row["graphs"]["x_floor"] = round(row["graphs"]["step_ms"] / floor, 2)
             row["graphs"]["replay_equals_uncaptured_bitwise"] = replay_is_bitwise(graphs, min(batch, 64), prompt)
             result["decode"][f"b{batch}_mb{micro_batches}"] = row

@@ -123,18 +123,32 @@ class ExpertBank(nn.Module):
     def num_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.parameters())
 
-    def forward(self, layer_id: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def forward(self, layer_id: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+                num_valid: torch.Tensor | None = None) -> torch.Tensor:
         """x [T, hidden], expert_ids / weights [T, k] -> Σ over held experts of weight * expert(x), [T, hidden].
-        Rows routed to no held expert stay zero."""
+        Rows routed to no held expert stay zero. `num_valid` (a 0-dim int64 tensor on x's device):
+        rows >= num_valid are padding, routed to no expert (fixed-shape callers: a captured graph's
+        rows bucket, see expert_graphs.py); their output rows are not defined."""
         if x.shape[0] == 0:
             return torch.zeros_like(x)
         if self.local_index.device != expert_ids.device:   # once, if the bank was moved by hand
             self.local_index = self.local_index.to(expert_ids.device)
         local = self.local_index[expert_ids]                                       # [T, k]
+        if num_valid is not None:   # padding rows: routed to no expert, on the device
+            rows = torch.arange(x.shape[0], device=x.device)[:, None]                # [T, 1]
+            local = local.masked_fill(rows >= num_valid, -1)
         if self.decode_experts.can_run(x, self.w13[layer_id], local.numel(), len(self.expert_ids)):
             return self.decode_experts(x, local, weights, self.w13[layer_id], self.w2t[layer_id], self.cfg.swiglu_limit)
         flat_local = local.flatten()
-        if len(self.expert_ids) == self.cfg.n_routed_experts:   # every pair is held: no nonzero (a host sync)
+        is_full = len(self.expert_ids) == self.cfg.n_routed_experts and num_valid is None
+        if x.is_cuda and self.is_sync_free(x.device, x.dtype, x.shape[0]):
+            # no nonzero (a host sync): pairs not held ride along, past the last group
+            try:
+                return self._grouped_cuda(x, flat_local, None, weights, self.w13[layer_id], self.w2t[layer_id],
+                                          is_partial=not is_full)
+            except (RuntimeError, NotImplementedError):  # a backend without this layout / dtype
+                self._is_grouped_mm_ok = False
+        if is_full:
             held = None
         else:
             held = (flat_local >= 0).nonzero().squeeze(1)
@@ -174,18 +188,19 @@ class ExpertBank(nn.Module):
             self._run_segments(xs, y, w13, w2t, _segments(counts.tolist()))
         return torch.zeros_like(x).index_add_(0, token_rows, y * flat_w[:, None].to(x.dtype))
 
-    def _grouped_cuda(self, x, flat_local, held, weights, w13, w2t) -> torch.Tensor:
+    def _grouped_cuda(self, x, flat_local, held, weights, w13, w2t, is_partial: bool = False) -> torch.Tensor:
         """`_grouped` on a GPU: the same grouped GEMMs, with the work around them as three compiled
         pieces (`route_pairs`, `grouped_swiglu`, `combine_pairs`: ~6 kernels instead of ~25 small
         eager ones and a radix sort per layer). The combine gathers each token's k rows and sums
-        them in float32 (deterministic; the eager path's bf16 index_add_ rounds every partial sum)."""
+        them in float32 (deterministic; the eager path's bf16 index_add_ rounds every partial sum).
+        `is_partial` (held None): some of flat_local is -1, routed with fixed shapes (route_pairs)."""
         # inside an outer torch.compile (DecodeGraphs(is_compiled=True)) the plain functions are
         # traced into that graph instead of calling a nested compiled one
         compiled = not torch.compiler.is_compiling()
         route = self._route if compiled else route_pairs
         act = self._act if compiled else grouped_swiglu
         combine = self._combine if compiled else combine_pairs
-        xs, dest, offs = route(x, flat_local, held, weights.shape[1], len(self.expert_ids))
+        xs, dest, offs = route(x, flat_local, held, weights.shape[1], len(self.expert_ids), is_partial)
         h = torch._grouped_mm(xs, w13.transpose(1, 2), offs=offs)                 # [P, 2I]
         y = torch._grouped_mm(act(h, self.cfg.swiglu_limit), w2t, offs=offs)       # [P, hidden]
         return combine(y, dest, weights)
@@ -197,21 +212,28 @@ class ExpertBank(nn.Module):
             h = xs[begin: begin + n] @ w13[e].T                                    # [n, 2I]
             y[begin: begin + n] = swiglu(h[:, :I], h[:, I:], self.cfg.swiglu_limit) @ w2t[e]
 
-    def is_sync_free(self, device: torch.device, dtype: torch.dtype) -> bool:
+    def is_sync_free(self, device: torch.device, dtype: torch.dtype, num_tokens: int | None = None) -> bool:
         """Whether forward() on `device` in `dtype` needs no host round trip (a CUDA graph can
-        capture it): the grouped path, with every expert held (no nonzero)."""
-        x = torch.empty(0, dtype=dtype, device=device)
-        return (device.type == "cuda" and self._can_grouped_mm(x)
-                and len(self.expert_ids) == self.cfg.n_routed_experts)
+        capture it): the GPU grouped path, for any step when every expert is held; a bank holding
+        a subset routes fixed shapes (every pair, the ones not held past the last group) for steps
+        of up to SYNC_FREE_MAX_PAIRS (token, slot) pairs, and filters larger ones (nonzero)."""
+        if not (device.type == "cuda" and self._can_grouped_mm_on(device, dtype)):
+            return False
+        if len(self.expert_ids) == self.cfg.n_routed_experts:
+            return True
+        return num_tokens is not None and num_tokens * self.cfg.num_experts_per_tok <= SYNC_FREE_MAX_PAIRS
 
     def _can_grouped_mm(self, x: torch.Tensor) -> bool:
+        return self._can_grouped_mm_on(x.device, x.dtype)
+
+    def _can_grouped_mm_on(self, device: torch.device, dtype: torch.dtype) -> bool:
         """torch._grouped_mm runs on CPU for any float dtype; on CUDA only bf16 on sm90+ (else loop)."""
         if not hasattr(torch, "_grouped_mm") or not self._is_grouped_mm_ok:
             return False
-        if x.device.type == "cpu":
+        if device.type == "cpu":
             return True
-        return (x.device.type == "cuda" and x.dtype == torch.bfloat16
-                and torch.cuda.get_device_capability(x.device)[0] >= 9)
+        return (device.type == "cuda" and dtype == torch.bfloat16
+                and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 def _segments(counts: list[int]) -> list[tuple[int, int, int]]:
@@ -223,6 +245,11 @@ def _segments(counts: list[int]) -> list[tuple[int, int, int]]:
             begin += n
     return segments
 
+
+# A bank holding a subset of the experts routes steps of up to this many (token, slot) pairs with
+# fixed shapes (every pair gathered, the ones it does not hold past the last group): decode steps,
+# which a CUDA graph captures. Larger steps (prefill) gather only the held pairs (a nonzero).
+SYNC_FREE_MAX_PAIRS = 4096
 
 # Above this many [pairs x experts] one-hot entries `expert_order` falls back to the radix sort
 # (prefill: the one-hot would take too much memory); both give the same order.
@@ -251,24 +278,37 @@ def expert_order(keys: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, to
 
 
 def route_pairs(x: torch.Tensor, flat_local: torch.Tensor, held: torch.Tensor | None, k: int,
-                num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                num_experts: int, is_partial: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The grouped GEMMs' inputs: x [T, hidden], flat_local [T*k] local expert id of each (token,
-    slot) pair (-1: not held), held [P] the held pairs' indices (None: every pair is held) ->
-    xs [P, hidden] the pairs' rows sorted by expert (stable), dest [T*k] each pair's row in xs (P
-    for pairs not held), offs [E] int32 the groups' end rows."""
-    keys = flat_local if held is None else flat_local[held]                     # [P]
+    slot) pair (-1: not held), held [P] the held pairs' indices (None: every pair) -> xs [P, hidden]
+    the pairs' rows sorted by expert (stable), dest [T*k] each pair's row in xs (P for pairs not
+    held), offs [E] int32 the groups' end rows.
+
+    `is_partial` (held None): fixed shapes without knowing which pairs are held. The -1 pairs sort
+    as an extra expert E after the real ones, so xs holds all T*k rows and the held ones come
+    first, in the same order as with `held`; offs ends at the last held row. The grouped GEMMs
+    leave rows past offs[-1] unwritten, and no dest points at them (the -1 pairs get P, the zero
+    row of combine_pairs)."""
+    if is_partial:
+        keys = torch.where(flat_local < 0, num_experts, flat_local)              # [T*k]
+    else:
+        keys = flat_local if held is None else flat_local[held]                 # [P]
+    num_keys = num_experts + 1 if is_partial else num_experts
     P = keys.shape[0]
-    if P * num_experts <= MAX_COUNTING_ENTRIES:
-        dest_held, counts = expert_order(keys, num_experts)
+    if P * num_keys <= MAX_COUNTING_ENTRIES:
+        dest_held, counts = expert_order(keys, num_keys)
     else:   # radix sort; the inverse permutation is each pair's row
         order = torch.argsort(keys, stable=True)
         dest_held = torch.empty_like(order).scatter_(0, order, torch.arange(P, device=keys.device))
-        counts = torch.zeros(num_experts, dtype=torch.int64, device=keys.device).index_add_(
+        counts = torch.zeros(num_keys, dtype=torch.int64, device=keys.device).index_add_(
             0, keys, torch.ones_like(keys))
     pairs = torch.arange(P, device=keys.device) if held is None else held
     order = torch.empty_like(pairs).scatter_(0, dest_held, pairs)               # [P] pair index by row
     xs = x[order // k]                                                           # [P, hidden]
-    if held is None:
+    if is_partial:
+        dest = torch.where(flat_local < 0, P, dest_held)
+        counts = counts[:num_experts]
+    elif held is None:
         dest = dest_held
     else:
         dest = torch.full_like(flat_local, P).scatter_(0, held, dest_held)      # [T*k]

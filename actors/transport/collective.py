@@ -82,6 +82,7 @@ class CollectiveTransport:
         self._num_sent = [0] * self.num_shards
         self._num_expected = 0
         self._suspects: set[int] = set()  # shards that failed the last step
+        self._caps: tuple[int, ...] = ()  # the step's micro-batch token counts (StepPlan)
 
     # ---- group lifetime --------------------------------------------------------------------
     def ensure_ready(self) -> None:
@@ -109,7 +110,8 @@ class CollectiveTransport:
         budget = 0 if listener is None else links.budget_bytes() if self.link_budget is None else self.link_budget
         spec = GroupSpec(self.generation, self.my_ip, store.port, self.num_shards + 1, 0, self.backend, self.timeout_s,
                          listener.name if listener is not None else "", budget)
-        joins = [s.join_group.remote(dataclasses.replace(spec, rank=i + 1)) for i, s in enumerate(self.shards)]
+        joins = [s.join_group.remote(dataclasses.replace(spec, rank=i + 1, is_every_token=self.dense[i]))
+                 for i, s in enumerate(self.shards)]
         try:
             self.group = Group(spec, self.my_ip, self.device, store)  # blocks until every shard connected
             joined = ray.get(joins, timeout=self.timeout_s)
@@ -152,7 +154,7 @@ class CollectiveTransport:
         self._sends = []
         self._num_sent = [0] * self.num_shards
         self._num_expected = len(layer_ids) * len(micro_batch_tokens)
-        caps = plan.micro_batch_tokens
+        caps = self._caps = plan.micro_batch_tokens
         on_link = self.wire.link_micro_batches(caps) if self.links else (False,) * len(caps)
         self._step_links = [[self.links.get(s) if is_linked else None for s in range(self.num_shards)]
                             for is_linked in on_link]
@@ -160,6 +162,9 @@ class CollectiveTransport:
     def dispatch(self, layer_id, micro_batch_id, x, expert_ids, weights):
         """x [T, hidden], expert_ids / weights [T, k] -> pending combine (posted recvs)."""
         num_tokens = x.shape[0]
+        if num_tokens != self._caps[micro_batch_id]:   # every-token shards expect exactly the plan's count
+            raise ValueError(f"micro-batch {micro_batch_id} dispatches {num_tokens} tokens, "
+                             f"its step plan says {self._caps[micro_batch_id]}")
         rows = dispatch_rows(expert_ids, self.owner, self.dense)             # None: every token
         msg = self.wire.pack(x, expert_ids, weights)                         # [header | T x (hidden + meta)]
         step_links = self._step_links[micro_batch_id]
@@ -221,9 +226,11 @@ class CollectiveTransport:
             num_mb = max(1, len(self._step_links))   # on the way their next message comes (link or group)
             for s in range(self.num_shards):
                 if s not in failed and self._num_sent[s] < self._num_expected:
-                    link = self._step_links[self._num_sent[s] % num_mb][s] if self._step_links else None
+                    m = self._num_sent[s] % num_mb
+                    link = self._step_links[m][s] if self._step_links else None
+                    rows = self._caps[m] if self.dense[s] and self._caps else None   # nccl: the expected size
                     try:
-                        self._sends += self.wire.send_abort(s + 1, link)
+                        self._sends += self.wire.send_abort(s + 1, link, rows)
                     except Exception:
                         pass
         self._suspects = set(failed)

@@ -15,13 +15,14 @@ from model_shards.loading import load_dense, load_experts
 from ep_checks import check_decode, check_prefill
 
 
-def make_router(ckpt, assignment, micro_batches):
+def make_router(ckpt, assignment, micro_batches, **transport_options):
     from model_shards import ModelConfig
     cfg = ModelConfig.from_json(ckpt)
     reader = CheckpointReader(ckpt)
     dense = load_dense(cfg, reader, torch.float32, "cpu")
     banks = [load_experts(cfg, reader, ids, torch.float32, "cpu") for ids in assignment]
-    return Router(dense, LocalTransport(banks, owner_table(assignment, cfg.n_routed_experts)), micro_batches)
+    transport = LocalTransport(banks, owner_table(assignment, cfg.n_routed_experts), **transport_options)
+    return Router(dense, transport, micro_batches)
 
 
 @pytest.mark.parametrize("assignment", [[[0, 1, 2, 3, 4, 5, 6]], [[0, 1, 2, 3], [4, 5, 6]],
@@ -43,6 +44,22 @@ def test_graph_segments_match_single_process(ep_ckpt, ep_ref, micro_batches):
     check_decode(router, ep_ref, num_steps=6, seed=3)
     assert {key[0] for key in router.graphs._sets} == set(range(micro_batches))   # one set per micro-batch
     assert router.last_timing.num_micro_batches == micro_batches
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_every_token_expert_graphs_match_single_process(ep_ckpt, ep_ref, micro_batches):
+    """Every bank gets every token as one packed message in its ExpertGraphs input and computes it
+    there (uncaptured on CPU; the fixed-shape path an every-token shard replays on a GPU), with
+    2- and 4-row buckets; prefill steps past the largest bucket take the banks directly."""
+    router = make_router(ep_ckpt, [[0, 1, 2], [3, 4], [5, 6]], micro_batches, expert_graphs=True, is_captured=False,
+                         max_graph_rows=4)
+    for g in router.transport.graphs:
+        g.buckets = (2, 4)
+    check_prefill(router, ep_ref, seed=2)
+    check_decode(router, ep_ref, num_steps=4, seed=2)
+    assert all(slot < micro_batches for g in router.transport.graphs for _, slot in g._buffers)
+    assert {bucket for g in router.transport.graphs for bucket, _ in g._buffers} <= {2, 4}
+    assert router.transport.graphs[0]._buffers    # the decode steps went through them
 
 
 @pytest.mark.parametrize("is_segments", [False, True])
@@ -135,3 +152,38 @@ def test_captured_segments_equal_uncaptured_on_cuda(ep_ckpt):
     finally:
         torch.use_deterministic_algorithms(False)
     assert captured.num_captures >= 2          # a set per micro-batch (and per width bucket)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_expert_graph_replays_equal_the_eager_banks_on_cuda(ep_ckpt):
+    """The every-token stand-in on a GPU: each layer's experts replayed from an ExpertGraphs graph
+    (two banks, one holding a subset: fixed-shape routing with padding rows) give the bits of the
+    eager banks, decode steps through captured segments, micro-batches interleaved."""
+    from model_shards import ModelConfig
+    from model_shards.segment_graphs import SegmentGraphs
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("grouped GEMMs (sync-free experts) need sm90+")
+    cfg = ModelConfig.from_json(ep_ckpt)
+    reader = CheckpointReader(ep_ckpt)
+    dense = load_dense(cfg, reader, torch.bfloat16, "cuda")
+    assignment = [[0, 1, 2, 3], [4, 5, 6]]
+    banks = [load_experts(cfg, reader, ids, torch.bfloat16, "cuda") for ids in assignment]
+    owner = owner_table(assignment, cfg.n_routed_experts)
+    eager, replayed = LocalTransport(banks, owner), LocalTransport(banks, owner, expert_graphs=True)
+    router = Router(dense, eager, micro_batches=2)
+    router.graphs = SegmentGraphs(dense)
+    router.graphs.reserve(16, 64)
+    base = [router.new_state() for _ in range(3)]
+    router.step(base, [torch.arange(1, n + 1).cuda() for n in (5, 12, 17)])
+    twins = []
+    for _ in range(2):
+        twins.append([router.new_state() for _ in base])
+        for s, b in zip(twins[-1], base):
+            s.load(b.export())
+    for t in range(6):
+        tokens = [torch.tensor([(5 * t + k) % cfg.vocab_size]) for k in range(3)]
+        router.set_transport(replayed)
+        got = torch.stack(router.step(twins[0], tokens))
+        router.set_transport(eager)
+        assert torch.equal(got, torch.stack(router.step(twins[1], tokens))), t
+    assert replayed.graphs[0].num_captures == cfg.num_layers * 2   # micro-batches of 2 and 1 rows: 2 slots

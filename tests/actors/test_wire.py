@@ -59,6 +59,41 @@ def test_dispatch_combine_roundtrip(groups, dtype):
     assert recv.wait() is None
 
 
+def test_every_token_message_lands_in_a_static_buffer(groups):
+    """An every-token shard's dispatch is one message with its header; received into a larger
+    static buffer (an ExpertGraphs input), unpack_message reads the row count from the header on
+    the device and all rows of the bucket (the tail keeps an earlier, larger message's rows)."""
+    hidden, k = 8, 2
+    router = Wire(groups[0].pg, "gloo", torch.device("cpu"), torch.bfloat16, hidden, k)
+    shard = Wire(groups[1].pg, "gloo", torch.device("cpu"), torch.bfloat16, hidden, k, is_every_token=True)
+    buf = torch.zeros(shard.message_numel(4), dtype=torch.bfloat16)
+    for n in (4, 3):
+        x = torch.randn(n, hidden).to(torch.bfloat16)
+        ids = torch.arange(n * k).view(n, k)
+        weights = torch.rand(n, k)
+        recv = shard.post_dispatch(0, capacity=n, buf=buf)
+        for w, _ in router.send_dispatch(1, router.pack(x, ids, weights), None):
+            w.wait()
+        rows = recv.wait_rows()
+        assert rows.shape == (n, shard.width) and rows.data_ptr() == buf[shard.header:].data_ptr()
+        all_x, all_ids, all_w, num_valid = shard.unpack_message(buf, 4)
+        assert int(num_valid) == n and all_x.shape == (4, hidden)
+        assert torch.equal(all_x[:n], x) and torch.equal(all_ids[:n], ids) and torch.equal(all_w[:n], weights)
+    assert torch.equal(all_ids[3], torch.tensor([6, 7]))                # the 4-row message's last row
+    recv = shard.post_dispatch(0, capacity=3, buf=buf)
+    router.send_abort(1, every_token_rows=3)[0][0].wait()
+    assert recv.wait_rows() is None
+
+
+def test_pack_into_a_static_buffer_keeps_its_tail():
+    wire = Wire(None, "nccl", torch.device("cpu"), torch.float32, 4, 1, is_every_token=True)
+    buf = torch.full((wire.message_numel(3),), 7.0)
+    msg = wire.pack(torch.ones(2, 4), torch.zeros(2, 1, dtype=torch.int64), torch.ones(2, 1), out=buf)
+    assert msg.data_ptr() == buf.data_ptr() and msg.numel() == wire.message_numel(2)
+    assert int(wire.unpack_message(buf, 3)[3]) == 2
+    assert bool((buf[wire.message_numel(2):] == 7.0).all())
+
+
 # ---- same-node links (actors/transport/links.py) ----------------------------------------------
 
 @pytest.fixture()

@@ -87,3 +87,49 @@ def test_route_falls_back_to_the_sort_for_large_tables(monkeypatch):
     large = route_pairs(x, local, None, 2, 8)
     for a, b in zip(small, large):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("num_held", [None, 4, 1])
+@pytest.mark.parametrize("num_tokens", [1, 5, 40])
+def test_partial_routing_keeps_fixed_shapes_and_the_held_order(num_held, num_tokens):
+    """is_partial: every pair is gathered (T*k rows), the held ones first in exactly the order the
+    nonzero-filtered routing gives, groups ending where theirs do; pairs not held point at the zero
+    row. Through the grouped GEMMs (whose rows past the last group stay unwritten) the output equals
+    the eager bank's."""
+    cfg, bank = _bank(num_held)
+    bank._route, bank._act, bank._combine = route_pairs, grouped_swiglu, combine_pairs
+    gen = torch.Generator().manual_seed(10 + num_tokens)
+    k = cfg.num_experts_per_tok
+    x = torch.randn(num_tokens, cfg.hidden_size, generator=gen)
+    expert_ids = torch.stack([torch.randperm(cfg.n_routed_experts, generator=gen)[:k] for _ in range(num_tokens)])
+    weights = torch.rand(num_tokens, k, generator=gen)
+    local = bank.local_index[expert_ids].flatten()
+    held = (local >= 0).nonzero().squeeze(1)
+    xs, dest, offs = route_pairs(x, local, None, k, len(bank.expert_ids), is_partial=True)
+    want_xs, want_dest, want_offs = route_pairs(x, local, held, k, len(bank.expert_ids))
+    assert xs.shape == (num_tokens * k, cfg.hidden_size)
+    assert torch.equal(offs, want_offs)
+    assert torch.equal(xs[: held.numel()], want_xs)
+    assert torch.equal(dest[held], want_dest[held])
+    assert bool((dest[local < 0] == num_tokens * k).all())
+    if held.numel():
+        want = bank._grouped(0, x, local, held, weights, k)
+        got = bank._grouped_cuda(x, local, None, weights, bank.w13[0], bank.w2t[0], is_partial=True)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_held", [None, 4])
+def test_num_valid_rows_route_the_padding_nowhere(num_held):
+    """forward(num_valid=n) on padded rows: the padding (arbitrary valid expert ids) is routed to
+    no expert (zero rows here, on CPU's filtered path), and the first n rows are forward on those
+    rows (up to the CPU kernel choice, which counts the padded pairs)."""
+    cfg, bank = _bank(num_held)
+    gen = torch.Generator().manual_seed(4)
+    k = cfg.num_experts_per_tok
+    x = torch.randn(8, cfg.hidden_size, generator=gen)
+    expert_ids = torch.stack([torch.randperm(cfg.n_routed_experts, generator=gen)[:k] for _ in range(8)])
+    weights = torch.rand(8, k, generator=gen)
+    for n in (1, 3, 8):
+        got = bank(0, x, expert_ids, weights, torch.tensor(n))
+        assert not got[n:].any()
+        torch.testing.assert_close(got[:n], bank(0, x[:n], expert_ids[:n], weights[:n]), rtol=1e-5, atol=1e-5)
