@@ -16,7 +16,7 @@ Export names (the KV service stores these): "num_tokens" (int64 scalar) and per 
 "{i}.window", "{i}.comp.{entries,tail_kv,tail_gate[,overlap_kv,overlap_gate]}",
 "{i}.index.{entries,tail_kv,tail_gate,overlap_kv,overlap_gate}".
 
-`SequenceState.load` (checks, row blocks, byte blocks, the window, load plans) is in state_load.py.
+`SequenceState.load` (checks, row blocks, byte blocks, the window) is in state_load.py, load plans in load_plan.py.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from typing import Any
 import torch
 
 from .config import CSA, HCA, SLIDING, ModelConfig
-from .state_load import ByteCopies, LoadPlan, RowSink, block_rows, load_state
-
+from .load_plan import LoadPlan
+from .state_load import ByteCopies, RowSink, block_rows, load_state
 
 
 class CompressorState:
