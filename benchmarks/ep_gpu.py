@@ -14,7 +14,9 @@ Measures, for the `medium` preset (bf16, random weights):
   (default "1,4": one 8K prompt, whose micro-batches cut it inside the sequence, and 4 x 2048,
   split by sequence), overlap off (micro_batches=1) vs on (2);
 - where the time goes: router dense compute vs time blocked on the experts (StepTiming), and the
-  shards' expert compute / wait (StepReport).
+  shards' expert compute / wait (StepReport; `shard_compute_ms` is host time, which for layers
+  replayed from model_shards/expert_graphs is the replay launch, not the GPU work;
+  `shard_graph_replays_per_step` counts those layers; `--no-expert-graphs` runs the shards eagerly).
 Targets (issue #3): overlap >= 1.2x on prefill; decode at batch 64 within 3x of its floor.
 The router runs inside a Ray actor holding one GPU (as the Engine's Serve replica would), so Ray
 hands the shards the other GPUs. Default --shards: GPUs - 1.

@@ -1,12 +1,12 @@
 """The expert-parallel router's dense work on one GPU, eager vs CUDA-graph segments.
 
     python benchmarks/router_gpu.py [--preset medium] [--checkpoint DIR] [--batches 1,64,256] [--no-append]
-        [--regions] [--banks N] [--expert-graphs] [--no-eager] [--micro-batches 1,2]
+        [--regions] [--banks N] [--expert-graphs off|on|both] [--no-eager] [--no-bitwise] [--micro-batches 1,2]
 
 Router (actors.router) + LocalTransport with the experts in N in-process ExpertBanks (default one
 holding every expert) on the same GPU: no Ray and no NCCL, so the step is the router's own work
 (embedding, attention, mHC, gates, shared experts, head) plus the experts, with micro_batches 1
-and 2. `--expert-graphs`: every bank gets every token and computes each layer by one replay of
+and 2. `--expert-graphs on`: every bank gets every token and computes each layer by one replay of
 model_shards.expert_graphs (as an every-token shard does over NCCL); otherwise the banks run
 eagerly (a host sync per layer with several banks). For each batch: step time and
 the router's dense time eager and with `model_shards.segment_graphs.SegmentGraphs`, and whether a
@@ -110,10 +110,12 @@ def main() -> None:
     p.add_argument("--regions", action="store_true", help="graph segments built from compiled decode regions")
     p.add_argument("--micro-batches", default="1,2")
     p.add_argument("--banks", type=int, default=1, help="experts split over this many in-process banks (shards)")
-    p.add_argument("--expert-graphs", action="store_true",
-                   help="every bank gets every token and replays each layer from model_shards.expert_graphs "
-                        "(what an every-token shard does over NCCL)")
+    p.add_argument("--expert-graphs", default="off", choices=("off", "on", "both"),
+                   help="on: every bank gets every token and replays each layer from model_shards.expert_graphs "
+                        "(what an every-token shard does over NCCL); both: each batch with the eager banks, "
+                        "then with the graphs (one router, its compiled regions shared)")
     p.add_argument("--no-eager", action="store_true", help="skip the eager-router baseline")
+    p.add_argument("--no-bitwise", action="store_true", help="skip the captured = uncaptured check")
     p.add_argument("--no-append", action="store_true")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -131,15 +133,27 @@ def main() -> None:
     for micro_batches in (int(m) for m in args.micro_batches.split(",")):
         eager = None if args.no_eager else make_router(path, micro_batches, False, num_banks=args.banks)
         graphs = make_router(path, micro_batches, True, is_regions=args.regions, num_banks=args.banks,
-                             expert_graphs=args.expert_graphs)
+                             expert_graphs=args.expert_graphs == "on")
+        if args.expert_graphs == "both":   # the same banks, every token, one replay per layer
+            from actors.transport.local import LocalTransport
+            plain = graphs.transport
+            replayed = LocalTransport(plain.banks, plain.owner.tolist(), expert_graphs=True)
         for batch, floor in floors.items():
             row = {"graphs": decode(graphs, batch, prompt), "floor_ms": floor}
+            row["graphs"]["x_floor"] = round(row["graphs"]["step_ms"] / floor, 2)
+            print(f"batch {batch} micro_batches {micro_batches}: {row}", file=sys.stderr, flush=True)
+            if args.expert_graphs == "both":
+                graphs.set_transport(replayed)
+                row["graphs_expert_graphs"] = decode(graphs, batch, prompt)
+                row["graphs_expert_graphs"]["x_floor"] = round(row["graphs_expert_graphs"]["step_ms"] / floor, 2)
+                graphs.set_transport(plain)
+                print(f"  with expert graphs: {row['graphs_expert_graphs']}", file=sys.stderr, flush=True)
             if eager is not None:
                 row["eager"] = decode(eager, batch, prompt)
-            row["graphs"]["x_floor"] = round(row["graphs"]["step_ms"] / floor, 2)
-            row["graphs"]["replay_equals_uncaptured_bitwise"] = replay_is_bitwise(graphs, min(batch, 64), prompt)
+            if not args.no_bitwise:
+                row["graphs"]["replay_equals_uncaptured_bitwise"] = replay_is_bitwise(graphs, min(batch, 64), prompt)
             result["decode"][f"b{batch}_mb{micro_batches}"] = row
-            print(f"batch {batch} micro_batches {micro_batches}: {row}", file=sys.stderr, flush=True)
+            print(f"row b{batch} mb{micro_batches}: {row}", file=sys.stderr, flush=True)
         del eager, graphs
         torch.cuda.empty_cache()
     out = args.out or (os.path.join(os.environ["OUT"], "router_gpu.json") if os.environ.get("OUT") else None)
