@@ -43,6 +43,7 @@ from model_shards.loading import load_experts
 
 from .messages import (GroupJoined, GroupSpec, LayerRequest, LayerResult, ShardError, ShardInfo, ShardSpec, StepPlan,
                        StepReport)
+from .shard_step import run_plan
 from .transport import links
 from .transport.group import Group
 from .transport.wire import Wire
@@ -185,85 +186,13 @@ class ExpertShard:
             self.group, self.wire = None, None
 
     # ---- collective transport ----------------------------------------------------------------
-    @torch.no_grad()
     def run_step(self, plan: StepPlan) -> StepReport:
-        """Messages in plan order (layer-major, micro-batches in order). A micro-batch that
-        Wire.link_micro_batches puts on the link is read from it synchronously; the others come over
-        the group, whose next recv is posted early (gloo: as soon as the previous one arrived, so
-        the router's send goes straight through; nccl: after our previous send, see below)."""
+        """The plan's messages on this generation's group (shard_step.run_plan)."""
         if self.group is None or plan.generation != self.group.generation:
             raise RuntimeError(f"shard {self.spec.shard_id} is in group generation "
                                f"{None if self.group is None else self.group.generation}, the step expects "
                                f"{plan.generation} (the router rebuilds the group)")
-        wire, link, caps = self.wire, self.link, plan.micro_batch_tokens
-        on_link = wire.link_micro_batches(caps) if link is not None else (False,) * len(caps)
-        order = [(layer, m) for layer in plan.layer_ids for m in range(len(caps))]
-        group_msgs = [i for i, (_, m) in enumerate(order) if not on_link[m]]   # indexes that come over the group
-        num_rows, num_linked, num_replays, compute_s, wait_s = 0, 0, 0, 0.0, 0.0
-        sends, error, msg = [], None, ()
-        num_posted = 0          # group recvs posted so far (group_msgs[:num_posted])
-        recv = None
-
-        graphs = self.graphs if wire.is_every_token and not wire.is_sized_recv else None   # nccl, every token
-
-        def post_next_group_recv():
-            nonlocal recv, num_posted
-            if num_posted < len(group_msgs):
-                m = order[group_msgs[num_posted]][1]
-                if graphs is not None and graphs.can_run(caps[m]):   # straight into the graph's input
-                    recv = wire.post_dispatch(0, caps[m], graphs.message(caps[m], m))
-                else:
-                    recv = wire.post_dispatch(0, caps[m])
-                num_posted += 1
-
-        post_next_group_recv()
-        for layer, m in order:
-            is_linked = on_link[m]
-            t0 = time.perf_counter()
-            in_graph = False
-            if is_linked:
-                msg = wire.recv_dispatch(link, caps[m])
-                num_linked += 1
-            else:
-                in_graph = graphs is not None and recv.buf is graphs.message(caps[m], m)
-                rows = recv.wait_rows()                  # the graph reads its input itself
-                msg = None if rows is None else rows if in_graph else wire.unpack(rows)
-            wait_s += time.perf_counter() - t0
-            if msg is None:  # ABORT: the router gave up on this step
-                break
-            if not is_linked and wire.is_sized_recv:  # gloo: post the next recv now (sends go straight in)
-                post_next_group_recv()
-            n = msg.shape[0] if in_graph else msg[0].shape[0]   # (x [n, hidden], ids [n, k], weights [n, k])
-            if not n:
-                if not is_linked and not wire.is_sized_recv:
-                    post_next_group_recv()
-                continue
-            t0 = time.perf_counter()
-            if error is None:
-                try:   # [n, hidden] partial sum over the held experts
-                    self._check_faults()
-                    out = graphs.run(layer, n, m) if in_graph else self.bank(layer, *msg)
-                    num_replays += in_graph
-                except Exception as e:  # keep the lockstep: answer NaN, re-raise after the plan
-                    error = e
-            if error is not None:
-                out = torch.full((n, self.cfg.hidden_size), float("nan"), dtype=self.dtype, device=self.device)
-            compute_s += time.perf_counter() - t0
-            if is_linked:
-                wire.send_combine(0, out, link)
-            else:
-                sends.append(wire.send_combine(0, out))
-            num_rows += n
-            if not is_linked and not wire.is_sized_recv:
-                # nccl: one stream per peer pair runs our ops in issue order, so the next recv goes
-                # after this send (posted before it, it would block the send the router waits for)
-                post_next_group_recv()
-        for work, _ in sends:
-            work.wait()
-        if error is not None:
-            raise error
-        return StepReport(self.spec.shard_id, plan.step_id, num_rows, compute_s, wait_s, is_aborted=msg is None,
-                          num_link_messages=num_linked, num_graph_replays=num_replays)
+        return run_plan(plan, self.spec.shard_id, self.bank, self.wire, self.link, self.graphs, self._check_faults)
 
     # ---- Ray transport -----------------------------------------------------------------------
     @torch.no_grad()

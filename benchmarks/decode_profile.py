@@ -136,6 +136,8 @@ def main() -> None:
                    help="prefill mHC eagerly (turns model_shards.prefill_compiled.PrefillMHC off: the earlier path)")
     p.add_argument("--eager-attention", action="store_true",
                    help="prefill attention eagerly (turns model_shards.prefill_compiled.PrefillAttention off)")
+    p.add_argument("--eager-indexer", action="store_true",
+                   help="prefill indexer top-k eagerly (turns model_shards.prefill_compiled.PrefillIndexer off)")
     p.add_argument("--fp32-indexer", action="store_true",
                    help="prefill indexer scores as a float32 GEMM (the earlier path; default on GPUs: bf16 "
                         "operands, float32 accumulation)")
@@ -154,6 +156,8 @@ def main() -> None:
         model.dense.prefill_mhc.is_enabled = False
     if args.eager_attention:
         model.dense.prefill_attention.is_enabled = False
+    if args.eager_indexer:
+        model.dense.prefill_indexer.is_enabled = False
     if args.fp32_indexer:
         for layer in model.dense.layers:
             if layer.attn.indexer is not None:
@@ -169,7 +173,7 @@ def main() -> None:
     result = {"preset": args.preset, "device": device, "graphs": args.graphs, "regions": args.regions,
               "prefill_mhc": model.dense.prefill_mhc.is_enabled,
               "prefill_attention": model.dense.prefill_attention.is_enabled, "key_align_gpu": Attention.KEY_ALIGN_GPU,
-              "half_gemm_indexer": not args.fp32_indexer,
+              "half_gemm_indexer": not args.fp32_indexer, "prefill_indexer": model.dense.prefill_indexer.is_enabled,
               "dtype": str(dtype).removeprefix("torch."), "prefill_warm_up_s": round(warm_up_s, 2),
               "num_layers": cfg.num_layers, "threads": torch.get_num_threads(), "decode": {}}
     for shape in filter(None, args.prefill.split(",")):

@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 from .batch import DecodeMeta, StepBatch
-from .compressor import Compressor, Indexer, RMSNormWeight, index_scores
+from .compressor import Compressor, Indexer, RMSNormWeight, index_dots, index_scores, weigh_heads
 from .config import CSA, HCA, SLIDING, ModelConfig
 from .cpu_kernels import grouped_linear, linear
 from .fused import FusedLinear
@@ -54,6 +54,15 @@ def attend(q, keys, key_ok, entries, entry_ok, sink, scale: float) -> torch.Tens
     return out / denom
 
 
+def index_mask(dots, head_weights, causal, k: int, head_dim: int) -> torch.Tensor:
+    """A prefill block's visible compressed entries: the indexer's top-k of its causal entries.
+    dots [s, n_I, N] float32 (compressor.index_dots), head_weights [s, n_I], causal [s, N] bool
+    -> [s, N] bool. Ties go to the lower entry (ops.stable_topk)."""
+    scores = weigh_heads(dots, head_weights, head_dim).masked_fill(~causal, float("-inf"))   # [s, N]
+    top = stable_topk(scores, k)                                                 # [s, k]
+    return torch.zeros_like(causal).scatter_(1, top, True) & causal
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
@@ -73,6 +82,7 @@ class Attention(nn.Module):
         self.wo_b = nn.Linear(cfg.o_groups * cfg.o_lora_rank, cfg.hidden_size, bias=False)
         self.attn_sink = nn.Parameter(torch.zeros(H))
         self.prefill_attention = None   # prefill_compiled.PrefillAttention (the DenseModel's), or None
+        self.prefill_indexer = None     # prefill_compiled.PrefillIndexer (the DenseModel's), or None
         self.compressor: Compressor | None = None
         self.indexer: Indexer | None = None
         if self.layer_type == HCA:
@@ -223,11 +233,11 @@ class Attention(nn.Module):
         causal = torch.arange(num_entries, device=positions.device)[None, :] < ((positions + 1) // rate)[:, None]
         if self.indexer is None or num_entries <= self.cfg.index_topk:
             return causal  # every causal entry fits in the top-k: the indexer cannot drop any
-        scores = self.indexer.scores(idx_q, idx_w, st.index.entries)             # [S, N]
-        scores = scores.masked_fill(~causal, float("-inf"))
-        top = stable_topk(scores, self.cfg.index_topk)                           # [S, k], ties -> lower index
-        chosen = torch.zeros_like(causal).scatter_(1, top, True)
-        return chosen & causal
+        dots = index_dots(idx_q, st.index.entries, self.indexer.is_half_gemm)    # [S, n_I, N]
+        fn = index_mask
+        if self.prefill_indexer is not None and self.prefill_indexer.can_run(dots):
+            fn = self.prefill_indexer    # (large blocks on GPUs: one fused pass over dots)
+        return fn(dots, idx_w, causal, self.cfg.index_topk, self.indexer.head_dim)
 
     # ---- B sequences, one new token each -----------------------------------------------------
     def _attend_decode(self, q, kv, states: list[LayerState], idx_q, idx_w, meta: DecodeMeta | None) -> torch.Tensor:

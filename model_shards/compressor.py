@@ -170,7 +170,7 @@ class Indexer(nn.Module):
         self.wq_b = nn.Linear(q_lora_rank, num_heads * head_dim, bias=False)
         self.weights_proj = nn.Linear(hidden, num_heads, bias=False)
         self.compressor = Compressor(hidden, head_dim, rate, True, eps)
-        self.is_half_gemm = True     # 16-bit scores GEMM on GPUs (index_scores); False: float32 (A/B runs)
+        self.is_half_gemm = True     # 16-bit dot products on GPUs (index_dots); False: float32 (A/B runs)
 
     def queries(self, q_residual: torch.Tensor, weight_logits: torch.Tensor, cis: torch.Tensor):
         """q_residual [T, q_lora], weight_logits = weights_proj(x) [T, n_I] -> q [T, n_I, d_I]
@@ -178,9 +178,6 @@ class Indexer(nn.Module):
         q = linear(q_residual, self.wq_b.weight).unflatten(-1, (self.num_heads, self.head_dim))
         q = rope_(q, cis.unsqueeze(-2))
         return q, weight_logits.float() * self.num_heads ** -0.5
-
-    def scores(self, q: torch.Tensor, head_weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        return index_scores(q, head_weights, keys, self.is_half_gemm)
 
 
 def _is_half_gemm_ok(q: torch.Tensor, keys: torch.Tensor) -> bool:
@@ -190,23 +187,32 @@ def _is_half_gemm_ok(q: torch.Tensor, keys: torch.Tensor) -> bool:
             and q.shape[:-3] == keys.shape[:-2] and not torch.compiler.is_compiling())
 
 
-def index_scores(q: torch.Tensor, head_weights: torch.Tensor, keys: torch.Tensor,
-                 is_half_gemm: bool = True) -> torch.Tensor:
-    """The indexer's scores: q [..., S, n_I, d_I], head_weights [..., S, n_I], keys [..., N, d_I]
-    -> [..., S, N] float32."""
+def index_dots(q: torch.Tensor, keys: torch.Tensor, is_half_gemm: bool = True) -> torch.Tensor:
+    """q [..., S, n_I, d_I] . keys [..., N, d_I] -> [..., S, n_I, N] float32 (every head's dot products)."""
     if torch.compiler.is_compiling() and q.device.type == "cpu":
         # compiled on a CPU: a reduction Inductor fuses with the gather of the keys (a decode
         # step's few rows make MKL's batched GEMM mostly call overhead, and its input a copy)
-        dots = (q.float().unsqueeze(-2) * keys.float().unsqueeze(-3).unsqueeze(-4)).sum(-1)   # [..., S, n_I, N]
-    elif is_half_gemm and _is_half_gemm_ok(q, keys):
+        return (q.float().unsqueeze(-2) * keys.float().unsqueeze(-3).unsqueeze(-4)).sum(-1)
+    if is_half_gemm and _is_half_gemm_ok(q, keys):
         # 16-bit q and keys on a GPU: a tensor-core GEMM accumulating and writing float32. Each
         # product of two bf16 / fp16 values is exact in float32, so this differs from upcasting
         # first (a SIMT float32 GEMM, ~10x slower: 11 ms of an 8K-token prefill on an H100) only
         # in the order of the float32 sums. (DeepSeek's own indexer runs in FP8.)
         *lead, S, H, D = q.shape
         N = keys.shape[-2]
-        dots = torch.bmm(q.reshape(-1, S * H, D), keys.reshape(-1, N, D).transpose(1, 2),
-                         out_dtype=torch.float32).view(*lead, S, H, N)                    # [..., S, n_I, N]
-    else:
-        dots = torch.einsum("...shd,...nd->...shn", q.float(), keys.float())
-    return (dots.relu() * q.shape[-1] ** -0.5 * head_weights.unsqueeze(-1)).sum(dim=-2)
+        return torch.bmm(q.reshape(-1, S * H, D), keys.reshape(-1, N, D).transpose(1, 2),
+                         out_dtype=torch.float32).view(*lead, S, H, N)
+    return torch.einsum("...shd,...nd->...shn", q.float(), keys.float())
+
+
+def weigh_heads(dots: torch.Tensor, head_weights: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """score(t, s) = Σ_h w_{t,h} ReLU(dots_{t,h,s}) d_I^-1/2: dots [..., S, n_I, N], head_weights
+    [..., S, n_I] -> [..., S, N] float32."""
+    return (dots.relu() * head_dim ** -0.5 * head_weights.unsqueeze(-1)).sum(dim=-2)
+
+
+def index_scores(q: torch.Tensor, head_weights: torch.Tensor, keys: torch.Tensor,
+                 is_half_gemm: bool = True) -> torch.Tensor:
+    """The indexer's scores: q [..., S, n_I, d_I], head_weights [..., S, n_I], keys [..., N, d_I]
+    -> [..., S, N] float32."""
+    return weigh_heads(index_dots(q, keys, is_half_gemm), head_weights, q.shape[-1])

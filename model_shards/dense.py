@@ -13,9 +13,10 @@ head; and the step API the serving router drives layer by layer:
 
 The residual streams are mHC's (model_shards/mhc.py). Also owns `regions` (regions.DecodeRegions,
 off unless enabled): when on, decode-only pooled steps run these same calls as compiled regions;
-and `prefill_mhc` / `prefill_attention` (prefill_compiled.py; on for CUDA): steps with a prefill
-segment run mHC, and large query blocks their attention, as compiled functions (every Attention
-layer holds a reference to the one `prefill_attention`; `warm_up_prefill` compiles both).
+and `prefill_mhc` / `prefill_attention` / `prefill_indexer` (prefill_compiled.py; on for CUDA):
+steps with a prefill segment run mHC, and large query blocks their attention and indexer top-k,
+as compiled functions (every Attention layer holds a reference to the one `prefill_attention`
+and `prefill_indexer`; `warm_up_prefill` compiles all three).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from .cpu_kernels import linear
 from .fused import Sinkhorn
 from .moe import Gate, SharedExpert
 from .mhc import hc_args, hc_merge, hc_weights
-from .prefill_compiled import PrefillAttention, PrefillMHC
+from .prefill_compiled import PrefillAttention, PrefillIndexer, PrefillMHC
 from .ops import linear_f32, rms_norm, rope_cis, rope_inv_freq
 from .regions import DecodeRegions
 from .state import SequenceState
@@ -97,8 +98,10 @@ class DenseModel(nn.Module):
         self.regions = DecodeRegions(is_enabled=False)   # compiled decode regions (off until enabled)
         self.prefill_mhc = PrefillMHC()            # mHC of large eager steps, compiled (GPUs)
         self.prefill_attention = PrefillAttention()   # large prefill query blocks' attention, compiled (GPUs)
+        self.prefill_indexer = PrefillIndexer()       # large prefill query blocks' indexer top-k, compiled (GPUs)
         for block in self.layers:
             block.attn.prefill_attention = self.prefill_attention
+            block.attn.prefill_indexer = self.prefill_indexer
         self.register_buffer("main_inv_freq", rope_inv_freq(cfg.main_rope, cfg.qk_rope_head_dim), persistent=False)
         self.register_buffer("compress_inv_freq", rope_inv_freq(cfg.compress_rope, cfg.qk_rope_head_dim), persistent=False)
 
@@ -121,6 +124,7 @@ class DenseModel(nn.Module):
         start, so that the first prompt does not wait for the compiler."""
         self.prefill_mhc.warm_up(self)
         self.prefill_attention.warm_up(self)
+        self.prefill_indexer.warm_up(self)
 
     # ---- step API ----------------------------------------------------------------------------
     def begin_step(self, states: list[SequenceState], token_ids: list[torch.Tensor],

@@ -53,7 +53,11 @@ class ExpertGraphs:
         self.num_captures = 0
 
     def bucket(self, num_rows: int) -> int:
-        return next(b for b in self.buckets if b >= num_rows)
+        """The smallest bucket of >= num_rows rows (ValueError past the largest: see can_run)."""
+        for b in self.buckets:
+            if b >= num_rows:
+                return b
+        raise ValueError(f"{num_rows} rows: more than the largest graph bucket ({self.buckets[-1]})")
 
     def can_run(self, num_rows: int) -> bool:
         """Steps of 1..max_rows rows, with a bank that routes them without a host sync."""

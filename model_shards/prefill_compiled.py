@@ -1,6 +1,7 @@
 """Prefill's elementwise-heavy pieces compiled on GPUs (transforms in the gpt-fast sense: the math
-stays in mhc.py and attention.py): PrefillMHC (mHC's weights and merge of large eager steps) and
-PrefillAttention (the sink-aware softmax attention of a large query block).
+stays in mhc.py and attention.py): PrefillMHC (mHC's weights and merge of large eager steps),
+PrefillAttention (the sink-aware softmax attention of a large query block) and PrefillIndexer
+(the Lightning Indexer's head-weighted scores and top-k mask of a large query block).
 
 PrefillMHC. Eagerly, a prefill step's mHC is a chain of full passes over the [T, hc, hidden]
 residual and batched matmuls of T tiny products. Profiled on an H100 (medium preset, bf16, one
@@ -33,7 +34,7 @@ from __future__ import annotations
 import torch
 
 from .fused import Compiled
-from .attention import attend
+from .attention import attend, index_mask
 from .mhc import hc_args, hc_merge, hc_weights
 from .ops import sinkhorn_rows
 
@@ -134,3 +135,43 @@ class PrefillAttention:
         sink = dense.layers[0].attn.attn_sink
         self(q, keys, key_ok, None, None, sink, D ** -0.5)
         self(q, keys, key_ok, entries, entry_ok, sink, D ** -0.5)
+
+
+class PrefillIndexer:
+    """`attention.index_mask` (the indexer's top-k entries of a prefill block), compiled, for
+    blocks of >= `min_tokens` queries on `device_types` (default CUDA only): `can_run(dots)`.
+    Called as `index_mask` is. The head-weighted ReLU sum reads the block's [s, n_I, N] float32
+    dot products once, fused, instead of four eager passes over them (relu, scale, weights, sum)."""
+
+    def __init__(self, is_enabled: bool = True, device_types: tuple[str, ...] = ("cuda",),
+                 min_tokens: int = MIN_TOKENS):
+        self.is_enabled = is_enabled
+        self.device_types = device_types
+        self.min_tokens = min_tokens
+        self.num_calls = 0   # compiled calls made (tests and profiles)
+        self._mask = Compiled(index_mask, dynamic_dims={"dots": (0, 2), "head_weights": (0,), "causal": (0, 1)})
+
+    def can_run(self, dots: torch.Tensor) -> bool:
+        """dots [s, n_I, N]: a block of s queries."""
+        return (self.is_enabled and dots.device.type in self.device_types and dots.shape[0] >= self.min_tokens
+                and not torch.compiler.is_compiling())
+
+    def __call__(self, dots, head_weights, causal, k: int, head_dim: int) -> torch.Tensor:
+        self.num_calls += 1
+        return self._mask(dots, head_weights, causal, k, head_dim)
+
+    @torch.no_grad()
+    def warm_up(self, dense) -> None:
+        """Compile now (a throwaway block of `min_tokens` queries over index_topk + 8 entries), so
+        that the first long prompt does not wait. Does nothing where `can_run` would never hold
+        (disabled, another device type, a model without CSA layers)."""
+        cfg = dense.cfg
+        if not self.is_enabled or dense.device.type not in self.device_types:
+            return
+        if not any(block.attn.indexer is not None for block in dense.layers):
+            return
+        s, n = self.min_tokens, cfg.index_topk + 8
+        dots = torch.zeros(s, cfg.index_n_heads, n, device=dense.device)
+        head_weights = torch.zeros(s, cfg.index_n_heads, device=dense.device)
+        causal = torch.ones(s, n, dtype=torch.bool, device=dense.device)
+        self(dots, head_weights, causal, cfg.index_topk, cfg.index_head_dim)

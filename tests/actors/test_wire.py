@@ -4,31 +4,13 @@ The same messages over a same-node link (Unix socket), its failure modes and its
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
 import torch
 
-from actors.messages import GroupSpec
 from actors.transport import links
-from actors.transport.group import Group, open_master_store
 from actors.transport.wire import Wire
-
-
-@pytest.fixture(scope="module")
-def groups():
-    store = open_master_store("127.0.0.1", 10.0)
-    spec = GroupSpec(1, "127.0.0.1", store.port, 2, 0, "gloo", 10.0)
-    out = {}
-    th = threading.Thread(target=lambda: out.setdefault(1, Group(GroupSpec(1, "127.0.0.1", store.port, 2, 1, "gloo", 10.0),
-                                                                  "127.0.0.1", torch.device("cpu"))))
-    th.start()
-    out[0] = Group(spec, "127.0.0.1", torch.device("cpu"), store)
-    th.join()
-    yield out
-    out[0].close()
-    out[1].close()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

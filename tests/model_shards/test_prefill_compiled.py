@@ -100,3 +100,36 @@ def test_compiled_prefill_attention_gives_the_eager_steps_logits(tmp_path, monke
     for got_step, want_step in zip(runs["compiled"], runs["eager"]):
         for got, want in zip(got_step, want_step):
             assert rel_err(got, want) <= RTOL
+
+
+def test_compiled_indexer_mask_gives_the_eager_steps_logits(tmp_path, monkeypatch):
+    """Query blocks of >= min_tokens queries in CSA layers choose their compressed entries through
+    the compiled `index_mask` (warmed up first: no new graphs after); smaller blocks and the eager
+    model through `index_mask` itself. Same logits, prefill and the decode after it."""
+    from torch._dynamo.utils import counters
+    from model_shards.config import CSA
+    monkeypatch.setattr(Attention, "QUERY_BLOCK", 32)
+    eager = random_model(tmp_path / "a")
+    compiled = random_model(tmp_path / "b")
+    indexer = compiled.dense.prefill_indexer
+    indexer.device_types, indexer.min_tokens = ("cpu",), 32
+    indexer.warm_up(compiled.dense)
+    graphs_after_warm_up = counters["stats"]["unique_graphs"]
+    assert indexer.num_calls == 1
+    vocab = eager.config.vocab_size
+    prompts = [random_ids(150, vocab, seed=11), random_ids(20, vocab, seed=12)]
+    with torch.no_grad():
+        runs = {}
+        for name, model in (("eager", eager), ("compiled", compiled)):
+            states = [model.new_state() for _ in prompts]
+            prefill = model.step(states, prompts, all_logits=True)
+            decode = model.step(states, [random_ids(1, vocab, seed=13), random_ids(1, vocab, seed=14)])
+            runs[name] = (prefill, decode)
+    # 150 tokens: 4 full blocks of 32 in each CSA layer (37 entries > index_topk 3); 20 tokens: none
+    num_csa = eager.config.layer_types.count(CSA)
+    assert indexer.num_calls == 1 + 4 * num_csa
+    assert counters["stats"]["unique_graphs"] == graphs_after_warm_up
+    assert indexer._mask.is_compiled and eager.dense.prefill_indexer.num_calls == 0
+    for got_step, want_step in zip(runs["compiled"], runs["eager"]):
+        for got, want in zip(got_step, want_step):
+            assert rel_err(got, want) <= RTOL
