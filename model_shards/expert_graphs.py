@@ -18,7 +18,10 @@ rows past n are padding that `ExpertBank.forward(num_valid=...)` routes to no ex
 read on the device and no shape depends on it. The padding rows hold whatever an earlier, larger
 message left there (or the zeros they were made with): valid expert ids either way. Output rows
 past n are undefined. `slot` separates micro-batches whose buffers are in use at the same time
-(a shard sends micro-batch 0's output while micro-batch 1 computes).
+(a shard sends micro-batch 0's output while micro-batch 1 computes). The next layer of the same
+slot overwrites the output that the previous send reads: on a shard that is safe because its
+replay waits for the next dispatch's recv, which it posts after that send, and NCCL runs one
+peer pair's sends and recvs in issue order (actors/shard_step.py).
 
 `is_captured=False` runs the same fixed-shape computation eagerly (CPU tests).
 """
