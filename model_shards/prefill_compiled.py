@@ -59,7 +59,28 @@ def prefill_weights(h, fn, base, scale, hc: int, num_iters: int, eps: float, hc_
     return hc_weights(h, fn, base, scale, hc, num_iters, eps, hc_eps, sinkhorn_rows, linear_fn=mm_f32)
 
 
-class PrefillMHC:
+class _LargeStepPiece:
+    """What the compiled prefill pieces share: on / off, the device types they run on, the
+    smallest step (tokens or queries) they take, and a count of their compiled calls."""
+
+    def __init__(self, is_enabled: bool = True, device_types: tuple[str, ...] = ("cuda",),
+                 min_tokens: int = MIN_TOKENS):
+        self.is_enabled = is_enabled
+        self.device_types = device_types
+        self.min_tokens = min_tokens
+        self.num_calls = 0   # compiled calls made (tests and profiles)
+
+    def _takes(self, t: torch.Tensor, num_tokens: int) -> bool:
+        """A step of `num_tokens` on t's device, outside an enclosing compile."""
+        return (self.is_enabled and t.device.type in self.device_types and num_tokens >= self.min_tokens
+                and not torch.compiler.is_compiling())
+
+    def _can_warm_up(self, dense) -> bool:
+        """Whether `_takes` could ever hold for `dense` (enabled, its device type)."""
+        return self.is_enabled and dense.device.type in self.device_types
+
+
+class PrefillMHC(_LargeStepPiece):
     """`weights` / `merge` as mhc.hc_weights / hc_merge, compiled, for steps with a prefill
     segment and >= MIN_TOKENS tokens on `device_types` (default CUDA only): `can_run(h, batch)`.
     Decode-only steps never use it (CUDA graphs capture them; their replays are checked bitwise
@@ -67,16 +88,12 @@ class PrefillMHC:
 
     def __init__(self, is_enabled: bool = True, device_types: tuple[str, ...] = ("cuda",),
                  min_tokens: int = MIN_TOKENS):
-        self.is_enabled = is_enabled
-        self.device_types = device_types
-        self.min_tokens = min_tokens
-        self.num_calls = 0   # compiled calls made (weights + merges; tests and profiles)
+        super().__init__(is_enabled, device_types, min_tokens)   # num_calls: weights + merges
         self._weights = Compiled(prefill_weights, dynamic_dims={"h": (0,)})
         self._merge = Compiled(hc_merge, dynamic_dims={"out": (0,), "h": (0,), "post": (0,), "comb": (0,)})
 
     def can_run(self, h: torch.Tensor, batch) -> bool:
-        return (self.is_enabled and h.device.type in self.device_types and h.shape[0] >= self.min_tokens
-                and bool(batch.prefill_segments) and not torch.compiler.is_compiling())
+        return self._takes(h, h.shape[0]) and bool(batch.prefill_segments)
 
     @torch.no_grad()
     def warm_up(self, dense) -> None:
@@ -84,7 +101,7 @@ class PrefillMHC:
         0's mHC parameters), so that the first prompt does not wait for it: the token count is
         compiled symbolic and the parameters are arguments, so every layer and size reuses them.
         Does nothing where `can_run` would never hold (disabled, another device type)."""
-        if not self.is_enabled or dense.device.type not in self.device_types:
+        if not self._can_warm_up(dense):
             return
         cfg, block = dense.cfg, dense.layers[0]
         h = torch.zeros(self.min_tokens, cfg.hc_mult, cfg.hidden_size, dtype=dense.dtype, device=dense.device)
@@ -103,23 +120,19 @@ class PrefillMHC:
         return self._merge(out, h, post, comb)
 
 
-class PrefillAttention:
+class PrefillAttention(_LargeStepPiece):
     """`attention.attend`, compiled, for query blocks of >= `min_tokens` queries on `device_types`
     (default CUDA only): `can_run(q)`. Called as `attend` is."""
 
     def __init__(self, is_enabled: bool = True, device_types: tuple[str, ...] = ("cuda",),
                  min_tokens: int = MIN_TOKENS):
-        self.is_enabled = is_enabled
-        self.device_types = device_types
-        self.min_tokens = min_tokens
-        self.num_calls = 0   # compiled calls made (tests and profiles)
+        super().__init__(is_enabled, device_types, min_tokens)
         self._attend = Compiled(attend, dynamic_dims={"q": (1,), "keys": (0,), "key_ok": (0, 1), "entries": (0,),
                                                       "entry_ok": (0, 1)})
 
     def can_run(self, q: torch.Tensor) -> bool:
         """q [H, s, D]: a block of s queries."""
-        return (self.is_enabled and q.device.type in self.device_types and q.shape[-2] >= self.min_tokens
-                and not torch.compiler.is_compiling())
+        return self._takes(q, q.shape[-2])
 
     def __call__(self, q, keys, key_ok, entries, entry_ok, sink, scale: float) -> torch.Tensor:
         self.num_calls += 1
@@ -130,7 +143,7 @@ class PrefillAttention:
         """Compile now, with and without compressed entries (throwaway blocks of `min_tokens`
         queries laid out as `Attention._attend_segment` passes them), so that the first prompt
         does not wait. Does nothing where `can_run` would never hold."""
-        if not self.is_enabled or dense.device.type not in self.device_types:
+        if not self._can_warm_up(dense):
             return
         cfg, s = dense.cfg, self.min_tokens
         H, D = cfg.num_attention_heads, cfg.head_dim
@@ -145,7 +158,7 @@ class PrefillAttention:
         self(q, keys, key_ok, entries, entry_ok, sink, D ** -0.5)
 
 
-class PrefillIndexer:
+class PrefillIndexer(_LargeStepPiece):
     """`attention.index_mask` (the indexer's top-k entries of a prefill block), compiled, for
     blocks of >= `min_tokens` queries on `device_types` (default CUDA only): `can_run(dots)`.
     Called as `index_mask` is. The head-weighted ReLU sum reads the block's [s, n_I, N] float32
@@ -153,16 +166,12 @@ class PrefillIndexer:
 
     def __init__(self, is_enabled: bool = True, device_types: tuple[str, ...] = ("cuda",),
                  min_tokens: int = MIN_TOKENS):
-        self.is_enabled = is_enabled
-        self.device_types = device_types
-        self.min_tokens = min_tokens
-        self.num_calls = 0   # compiled calls made (tests and profiles)
+        super().__init__(is_enabled, device_types, min_tokens)
         self._mask = Compiled(index_mask, dynamic_dims={"dots": (0, 2), "head_weights": (0,), "causal": (0, 1)})
 
     def can_run(self, dots: torch.Tensor) -> bool:
         """dots [s, n_I, N]: a block of s queries."""
-        return (self.is_enabled and dots.device.type in self.device_types and dots.shape[0] >= self.min_tokens
-                and not torch.compiler.is_compiling())
+        return self._takes(dots, dots.shape[0])
 
     def __call__(self, dots, head_weights, causal, k: int, head_dim: int) -> torch.Tensor:
         self.num_calls += 1
@@ -173,11 +182,9 @@ class PrefillIndexer:
         """Compile now (a throwaway block of `min_tokens` queries over index_topk + 8 entries), so
         that the first long prompt does not wait. Does nothing where `can_run` would never hold
         (disabled, another device type, a model without CSA layers)."""
+        if not self._can_warm_up(dense) or all(block.attn.indexer is None for block in dense.layers):
+            return
         cfg = dense.cfg
-        if not self.is_enabled or dense.device.type not in self.device_types:
-            return
-        if not any(block.attn.indexer is not None for block in dense.layers):
-            return
         s, n = self.min_tokens, cfg.index_topk + 8
         dots = torch.zeros(s, cfg.index_n_heads, n, device=dense.device)
         head_weights = torch.zeros(s, cfg.index_n_heads, device=dense.device)

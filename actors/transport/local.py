@@ -45,11 +45,14 @@ class LocalTransport(StatelessStepMixin):
     def dispatch(self, layer_id, micro_batch_id, x, expert_ids, weights):
         n = x.shape[0]
         if self.graphs is not None and all(g.can_run(n) for g in self.graphs):
-            # every bank: the packed message in its graph's input, then one replay (rows None: all)
+            # packed once into the first graph's input, copied into the others'; one replay each
+            msg = self.wire.pack(x, expert_ids, weights, out=self.graphs[0].message(n, micro_batch_id))
             parts = []
             for g in self.graphs:
-                self.wire.pack(x, expert_ids, weights, out=g.message(n, micro_batch_id))
-                parts.append((None, g.run(layer_id, n, micro_batch_id)))
+                buf = g.message(n, micro_batch_id)
+                if buf.data_ptr() != msg.data_ptr():
+                    buf[: msg.numel()].copy_(msg)
+                parts.append((None, g.run(layer_id, n, micro_batch_id)))   # rows None: every token
             return n, parts
         rows = shard_rows(expert_ids, self.owner.to(expert_ids.device), len(self.banks))
         return n, [(r, bank(layer_id, x[r], expert_ids[r], weights[r])) for r, bank in zip(rows, self.banks)]

@@ -119,6 +119,19 @@ def test_shard_rows_sends_each_token_once_to_each_owner():
     assert [r.tolist() for r in rows] == [[0, 3], [1, 2], [1, 3]]
 
 
+def _prefilled_twins(router) -> list[list]:
+    """Two identical sets of 3 states (prompts of 5, 12, 17 tokens prefilled once, loaded from one
+    export into each), for stepping the same inputs two ways and comparing bits."""
+    base = [router.new_state() for _ in range(3)]
+    router.step(base, [torch.arange(1, n + 1).cuda() for n in (5, 12, 17)])
+    twins = []
+    for _ in range(2):
+        twins.append([router.new_state() for _ in base])
+        for s, b in zip(twins[-1], base):
+            s.load(b.export())
+    return twins
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_captured_segments_equal_uncaptured_on_cuda(ep_ckpt):
     """On a GPU the segments are CUDA graphs: from identical states with deterministic kernels a
@@ -134,13 +147,7 @@ def test_captured_segments_equal_uncaptured_on_cuda(ep_ckpt):
     router = Router(dense, LocalTransport([bank], [0] * 7), micro_batches=2)
     captured, uncaptured = SegmentGraphs(dense), SegmentGraphs(dense, is_captured=False)
     captured.reserve(16, 64)
-    base = [router.new_state() for _ in range(3)]
-    router.step(base, [torch.arange(1, n + 1).cuda() for n in (5, 12, 17)])
-    twins = []
-    for _ in range(2):
-        twins.append([router.new_state() for _ in base])
-        for s, b in zip(twins[-1], base):
-            s.load(b.export())
+    twins = _prefilled_twins(router)
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         for t in range(8):
@@ -173,13 +180,7 @@ def test_expert_graph_replays_equal_the_eager_banks_on_cuda(ep_ckpt):
     router = Router(dense, eager, micro_batches=2)
     router.graphs = SegmentGraphs(dense)
     router.graphs.reserve(16, 64)
-    base = [router.new_state() for _ in range(3)]
-    router.step(base, [torch.arange(1, n + 1).cuda() for n in (5, 12, 17)])
-    twins = []
-    for _ in range(2):
-        twins.append([router.new_state() for _ in base])
-        for s, b in zip(twins[-1], base):
-            s.load(b.export())
+    twins = _prefilled_twins(router)
     for t in range(6):
         tokens = [torch.tensor([(5 * t + k) % cfg.vocab_size]) for k in range(3)]
         router.set_transport(replayed)

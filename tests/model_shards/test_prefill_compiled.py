@@ -14,6 +14,27 @@ from model_shards.attention import Attention
 from model_shards.prefill_compiled import PrefillMHC
 
 
+def _prefill_then_decode(models: dict, seed: int) -> dict:
+    """Per model: (logits of a 150- and a 20-token prompt prefilled in one step, all rows; the
+    logits of one decode step after it). Same prompts and tokens for every model."""
+    vocab = next(iter(models.values())).config.vocab_size
+    prompts = [random_ids(150, vocab, seed=seed), random_ids(20, vocab, seed=seed + 1)]
+    runs = {}
+    with torch.no_grad():
+        for name, model in models.items():
+            states = [model.new_state() for _ in prompts]
+            prefill = model.step(states, prompts, all_logits=True)
+            decode = model.step(states, [random_ids(1, vocab, seed=seed + 2), random_ids(1, vocab, seed=seed + 3)])
+            runs[name] = (prefill, decode)
+    return runs
+
+
+def _assert_same_logits(got_steps, want_steps) -> None:
+    for got_step, want_step in zip(got_steps, want_steps):
+        for got, want in zip(got_step, want_step):
+            assert rel_err(got, want) <= RTOL
+
+
 def test_compiled_prefill_mhc_gives_the_eager_steps_logits(tmp_path):
     eager = random_model(tmp_path / "a")
     compiled = random_model(tmp_path / "b")
@@ -34,9 +55,7 @@ def test_compiled_prefill_mhc_gives_the_eager_steps_logits(tmp_path):
     assert after_prefill == 4 * num_layers   # weights + merge, attention and MoE, every layer
     assert after_all == 2 * 4 * num_layers   # the decode-only step stayed eager, the mixed one did not
     assert mhc._weights.is_compiled and mhc._merge.is_compiled   # (no eager fallback)
-    for got_step, want_step in zip(runs["compiled"][:3], runs["eager"][:3]):
-        for got, want in zip(got_step, want_step):
-            assert rel_err(got, want) <= RTOL
+    _assert_same_logits(runs["compiled"][:3], runs["eager"][:3])
 
 
 def test_warm_up_compiles_once_for_every_size_and_layer(tmp_path):
@@ -84,22 +103,12 @@ def test_compiled_prefill_attention_gives_the_eager_steps_logits(tmp_path, monke
     attention.warm_up(compiled.dense)
     graphs_after_warm_up = counters["stats"]["unique_graphs"]
     assert attention.num_calls == 2
-    vocab = eager.config.vocab_size
-    prompts = [random_ids(150, vocab, seed=7), random_ids(20, vocab, seed=8)]
-    with torch.no_grad():
-        runs = {}
-        for name, model in (("eager", eager), ("compiled", compiled)):
-            states = [model.new_state() for _ in prompts]
-            prefill = model.step(states, prompts, all_logits=True)
-            decode = model.step(states, [random_ids(1, vocab, seed=9), random_ids(1, vocab, seed=10)])
-            runs[name] = (prefill, decode)
+    runs = _prefill_then_decode({"eager": eager, "compiled": compiled}, seed=7)
     # 150 tokens: 4 full blocks of 32 (and one of 22) in each of the 4 layers; the 20-token prompt: none
     assert attention.num_calls == 2 + 4 * eager.config.num_layers
     assert counters["stats"]["unique_graphs"] == graphs_after_warm_up   # the warmed-up graphs served them
     assert eager.dense.prefill_attention.num_calls == 0
-    for got_step, want_step in zip(runs["compiled"], runs["eager"]):
-        for got, want in zip(got_step, want_step):
-            assert rel_err(got, want) <= RTOL
+    _assert_same_logits(runs["compiled"], runs["eager"])
 
 
 def test_compiled_indexer_mask_gives_the_eager_steps_logits(tmp_path, monkeypatch):
@@ -116,20 +125,10 @@ def test_compiled_indexer_mask_gives_the_eager_steps_logits(tmp_path, monkeypatc
     indexer.warm_up(compiled.dense)
     graphs_after_warm_up = counters["stats"]["unique_graphs"]
     assert indexer.num_calls == 1
-    vocab = eager.config.vocab_size
-    prompts = [random_ids(150, vocab, seed=11), random_ids(20, vocab, seed=12)]
-    with torch.no_grad():
-        runs = {}
-        for name, model in (("eager", eager), ("compiled", compiled)):
-            states = [model.new_state() for _ in prompts]
-            prefill = model.step(states, prompts, all_logits=True)
-            decode = model.step(states, [random_ids(1, vocab, seed=13), random_ids(1, vocab, seed=14)])
-            runs[name] = (prefill, decode)
+    runs = _prefill_then_decode({"eager": eager, "compiled": compiled}, seed=11)
     # 150 tokens: 4 full blocks of 32 in each CSA layer (37 entries > index_topk 3); 20 tokens: none
     num_csa = eager.config.layer_types.count(CSA)
     assert indexer.num_calls == 1 + 4 * num_csa
     assert counters["stats"]["unique_graphs"] == graphs_after_warm_up
     assert indexer._mask.is_compiled and eager.dense.prefill_indexer.num_calls == 0
-    for got_step, want_step in zip(runs["compiled"], runs["eager"]):
-        for got, want in zip(got_step, want_step):
-            assert rel_err(got, want) <= RTOL
+    _assert_same_logits(runs["compiled"], runs["eager"])
